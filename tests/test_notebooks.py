@@ -1,0 +1,117 @@
+"""Execute the course headless, as `boneage run` does, and check what each notebook wrote."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from boneage.cli import main, pipeline_notebooks, render_readme
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--n-images", "24", "--phantom-size", "128", "--image-size", "96", "--seed", "3"]
+
+
+def boneage_run(out, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out", str(out), "--no-progress", *args],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def phantom_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    r = boneage_run(out, *TINY)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r
+
+
+def test_every_pipeline_notebook_ran(phantom_run):
+    out, r = phantom_run
+    names = [p.name for p in pipeline_notebooks()]
+    assert names[:3] == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb"]
+    for name in names:
+        nb = nbformat.read(out / "notebooks" / name, as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
+        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+        assert (out / (Path(name).stem + ".json")).exists()
+    assert f"{len(names)} notebooks in" in r.stdout
+
+
+def test_data_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "00_data.json").read_text())
+    assert w["data"] == "phantom" and w["n_rows"] == 24 and w["n_problems"] == 0
+    assert sum(w["split_counts"].values()) == 24 and w["split_counts"]["train"] == 16
+    assert (out / "age_distribution.png").stat().st_size > 10_000
+    split = pd.read_csv(out / "split.csv")
+    assert list(split.columns) == ["id", "bone_age_months", "male", "split"] and len(split) == 24
+    assert (out / "phantom" / "labels.csv").exists() and len(list((out / "phantom" / "images").glob("*.png"))) == 24
+    assert json.loads((out / "phantom" / "phantom.json").read_text())["recipe"]["size"] == 128
+
+
+def test_phantom_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "01_phantom.json").read_text())
+    assert w["figures"] == ["phantom_vs_real.png"] and w["phantom_size"] == 128
+    assert (out / "phantom_vs_real.png").stat().st_size > 50_000
+
+
+def test_preprocessing_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "02_preprocessing.json").read_text())
+    assert w["image_size"] == 96 and w["n_cached"] == 24 and w["pipeline_images_per_s"] > 0
+    assert w["cache_mib"] == round(24 * 96 * 96 / 2**20, 2)
+    assert len(list((out / "cache").glob("radiographs-96-*.npy"))) == 1
+
+
+def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
+    out, _ = phantom_run
+    before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy")]}
+    r = boneage_run(out, *TINY, "--only", "02")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_run_on_real_radiographs(rsna_sample, tmp_path):
+    r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "96", "--only", "00", "01", "02")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    w = json.loads((tmp_path / "00_data.json").read_text())
+    assert w["data"] == "rsna-sample" and w["n_rows"] == 40
+    assert json.loads((tmp_path / "02_preprocessing.json").read_text())["n_cached"] == 40
+    assert json.loads((tmp_path / "01_phantom.json").read_text())["real_images_shown"] is True
+    assert not (tmp_path / "phantom").exists()  # real data: no phantom generated
+
+
+def test_bad_data_dir_is_one_line(tmp_path, capsys):
+    assert main(["run", "--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "data folder not found" in err
+    (tmp_path / "d").mkdir(); (tmp_path / "d" / "labels.csv").write_text("id,age\n1,2\n")
+    assert main(["run", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 1
+    assert "no png/jpg images" in capsys.readouterr().err
+    (tmp_path / "d" / "1.png").write_bytes(b"")  # an image file is there; the CSV is wrong
+    assert main(["run", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 1
+    assert "no column for" in capsys.readouterr().err
+
+
+def test_failing_notebook_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
+    nbs = tmp_path / "nbs"; nbs.mkdir()
+    good = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out_dir = ''", metadata={"tags": ["parameters"]}),
+                                           nbformat.v4.new_code_cell("open(out_dir + '/a.txt', 'w').write('x')")])
+    bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out_dir = ''", metadata={"tags": ["parameters"]}),
+                                          nbformat.v4.new_code_cell("raise ValueError('boom')")])
+    for nb in (good, bad): nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
+    nbformat.write(good, nbs / "00_good.ipynb"); nbformat.write(bad, nbs / "01_bad.ipynb")
+    assert main(["run", "--nbs-dir", str(nbs), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("boneage: 01_bad.ipynb failed in cell") and "ValueError: boom" in err and "\n" not in err
+    assert (tmp_path / "o" / "a.txt").read_text() == "x"
+    assert (tmp_path / "o" / "notebooks" / "01_bad.ipynb").exists()
+
+
+def test_readme_is_rendered_from_index(tmp_path):
+    dest = render_readme(dest=tmp_path / "README.md")
+    assert dest.read_text() == (ROOT / "README.md").read_text(), "README.md is stale: run `boneage readme`"
+    text = dest.read_text()
+    assert text.count("```sh") >= 2 and "boneage run" in text and "pytest" in text and "Halabi" in text
