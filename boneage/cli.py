@@ -50,7 +50,8 @@ def run_course(out_dir="Bone_age_prediction", data_dir="", only=None, nbs_dir=No
         t0 = time.time()
         try:
             pm.execute_notebook(str(nb), str(dest), parameters={k: v for k, v in params.items() if k in declared},
-                                cwd=str(nb.parent), kernel_name="python3", progress_bar=progress, log_output=False)
+                                cwd=str(nb.parent), kernel_name="python3", progress_bar=progress, log_output=False,
+                                stdout_file=sys.stdout)  # the notebooks' own progress lines (epochs) show here
         except pm.PapermillExecutionError as e:
             raise RunError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {dest})") from None
         print(f"    done in {time.time() - t0:.0f} s", flush=True)
@@ -84,6 +85,12 @@ def _parser():
     r.add_argument("--phantom-size", type=int, help="phantom image side in pixels")
     r.add_argument("--image-size", type=int, help="model input side in pixels")
     r.add_argument("--seed", type=int, help="seed for the phantom, the split and training")
+    r.add_argument("--epochs", type=int, help="maximum training epochs (early stopping may end sooner)")
+    r.add_argument("--batch-size", type=int, help="training batch size")
+    r.add_argument("--backbone", help="keras.applications backbone (default Xception)")
+    r.add_argument("--weights", help="'imagenet' or a local backbone weights file (default: random initialisation)")
+    r.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    r.add_argument("--fresh", action="store_true", help="start training over instead of resuming an interrupted run")
     r.add_argument("--only", nargs="+", metavar="NN", help="run only notebooks whose names start with these prefixes")
     r.add_argument("--nbs-dir", help="folder of the course notebooks (default: the repository's nbs/)")
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress bars")
@@ -101,7 +108,10 @@ def main(argv=None):
             load_dataset(args.data_dir, verbose=False)
         t0 = time.time()
         done = run_course(args.out, args.data_dir, args.only, args.nbs_dir, not args.no_progress,
-                          n_images=args.n_images, phantom_size=args.phantom_size, image_size=args.image_size, seed=args.seed)
+                          n_images=args.n_images, phantom_size=args.phantom_size, image_size=args.image_size, seed=args.seed,
+                          epochs=args.epochs, batch_size=args.batch_size, backbone=args.backbone, weights=args.weights,
+                          learning_rate=args.learning_rate,
+                          resume=False if args.fresh else None)
         print(f"{len(done)} notebooks in {time.time() - t0:.0f} s; results in {Path(args.out).resolve()}")
         return 0
     except (RunError, FileNotFoundError, ValueError) as e:

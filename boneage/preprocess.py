@@ -39,12 +39,13 @@ def read_radiograph(path):
     return to_uint8_gray(img)
 
 # %% ../nbs/02_preprocessing.ipynb
-def letterbox(img, size=256):
+def letterbox(img, size=256, interpolation=None):
     "Resize `img` to fit a `size`×`size` square keeping its aspect ratio, centred on a black (zero) border."
     h, w = img.shape[:2]
     s = size / max(h, w)
     nh, nw = max(1, round(h * s)), max(1, round(w * s))
-    interp = cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR  # area averaging avoids aliasing when shrinking
+    # area averaging avoids aliasing when shrinking; masks pass INTER_NEAREST to keep their labels
+    interp = interpolation if interpolation is not None else (cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
     small = cv2.resize(img, (nw, nh), interpolation=interp)
     out = np.zeros((size, size) + img.shape[2:], img.dtype)
     y, x = (size - nh) // 2, (size - nw) // 2

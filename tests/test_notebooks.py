@@ -9,7 +9,7 @@ import pytest
 from boneage.cli import main, pipeline_notebooks, render_readme
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n-images", "24", "--phantom-size", "128", "--image-size", "96", "--seed", "3"]
+TINY = ["--n-images", "24", "--phantom-size", "128", "--image-size", "72", "--seed", "3", "--epochs", "2"]
 
 
 def boneage_run(out, *args):
@@ -29,7 +29,7 @@ def phantom_run(tmp_path_factory):
 def test_every_pipeline_notebook_ran(phantom_run):
     out, r = phantom_run
     names = [p.name for p in pipeline_notebooks()]
-    assert names[:3] == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb"]
+    assert names[:5] == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb", "03_model.ipynb", "04_training.ipynb"]
     for name in names:
         nb = nbformat.read(out / "notebooks" / name, as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
@@ -60,9 +60,27 @@ def test_phantom_notebook(phantom_run):
 def test_preprocessing_notebook(phantom_run):
     out, _ = phantom_run
     w = json.loads((out / "02_preprocessing.json").read_text())
-    assert w["image_size"] == 96 and w["n_cached"] == 24 and w["pipeline_images_per_s"] > 0
-    assert w["cache_mib"] == round(24 * 96 * 96 / 2**20, 2)
-    assert len(list((out / "cache").glob("radiographs-96-*.npy"))) == 1
+    assert w["image_size"] == 72 and w["n_cached"] == 24 and w["pipeline_images_per_s"] > 0
+    assert w["cache_mib"] == round(24 * 72 * 72 / 2**20, 2)
+    assert len(list((out / "cache").glob("radiographs-72-*.npy"))) == 1
+
+
+def test_model_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "03_model.json").read_text())
+    assert w["backbone"] == "Xception" and w["image_size"] == 72 and w["parameters"] > 20_000_000
+    table = pd.read_csv(out / "model_parameters.csv")
+    assert table.parameters.sum() == w["parameters"]
+
+
+def test_training_notebook(phantom_run):
+    out, r = phantom_run
+    w = json.loads((out / "04_training.json").read_text())
+    assert w["backend"] == "tensorflow" and w["precision"] == "float32" and w["epochs_run"] == 2
+    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 4
+    assert (out / "model" / "best.keras").exists() and (out / "training_history.png").stat().st_size > 10_000
+    assert len(pd.read_csv(out / "model" / "history.csv")) == 2
+    assert "epoch 2/2" in r.stdout  # per-epoch progress reaches the terminal
 
 
 def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
@@ -74,13 +92,16 @@ def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
 
 
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
-    r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "96", "--only", "00", "01", "02")
+    r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1",
+                    "--only", "00", "01", "02", "04")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
     assert json.loads((tmp_path / "02_preprocessing.json").read_text())["n_cached"] == 40
     assert json.loads((tmp_path / "01_phantom.json").read_text())["real_images_shown"] is True
     assert not (tmp_path / "phantom").exists()  # real data: no phantom generated
+    w = json.loads((tmp_path / "04_training.json").read_text())  # the real-image path end to end (no accuracy claim)
+    assert w["epochs_run"] == 1 and (tmp_path / "model" / "best.keras").exists()
 
 
 def test_bad_data_dir_is_one_line(tmp_path, capsys):
