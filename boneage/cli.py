@@ -53,7 +53,8 @@ def run_course(out_dir="Bone_age_prediction", data_dir="", only=None, nbs_dir=No
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=progress, log_output=False,
                                 stdout_file=sys.stdout)  # the notebooks' own progress lines (epochs) show here
         except pm.PapermillExecutionError as e:
-            raise RunError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {e.evalue} (see {dest})") from None
+            evalue = (str(e.evalue).strip().splitlines() or [""])[0][:300]  # one line, however long the error
+            raise RunError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {evalue} (see {dest})") from None
         print(f"    done in {time.time() - t0:.0f} s", flush=True)
         done.append(dest)
     return done

@@ -146,6 +146,12 @@ def train(df, out_dir, config=None, resume=False, cache_dir=None, verbose=True):
         if verbose: print(f"{model_dir}: training already finished; loading the best model")
         return TrainResult(keras.saving.load_model(model_dir / "best.keras"), pd.read_csv(model_dir / "history.csv"),
                            model_dir, config, json.loads(done.read_text()))
+    saved = model_dir / "config.json"
+    if resume and saved.exists():  # a backup made with other settings cannot be resumed into this model
+        before = {k: v for k, v in json.loads(saved.read_text()).items() if k != "precision_used"}
+        if before != asdict(config):
+            if verbose: print(f"{model_dir}: settings differ from the interrupted run; starting over")
+            resume = False
     if not resume: _fresh_start(model_dir)
     keras.utils.set_random_seed(config.seed)
     precision = choose_precision(config.precision)

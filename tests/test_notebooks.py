@@ -29,7 +29,8 @@ def phantom_run(tmp_path_factory):
 def test_every_pipeline_notebook_ran(phantom_run):
     out, r = phantom_run
     names = [p.name for p in pipeline_notebooks()]
-    assert names[:5] == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb", "03_model.ipynb", "04_training.ipynb"]
+    assert names == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb", "03_model.ipynb",
+                     "04_training.ipynb", "05_evaluation.ipynb", "06_bias.ipynb", "07_gradcam.ipynb"]
     for name in names:
         nb = nbformat.read(out / "notebooks" / name, as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
@@ -83,6 +84,40 @@ def test_training_notebook(phantom_run):
     assert "epoch 2/2" in r.stdout  # per-epoch progress reaches the terminal
 
 
+def test_evaluation_notebook(phantom_run):
+    out, _ = phantom_run
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["data"] == "phantom, 4 test images" and m["regression"]["n"] == 4
+    assert {"r2", "mae", "rmse", "median_ae", "within_6", "within_12", "within_24"} <= set(m["regression"])
+    assert set(m["stages"]) >= {"accuracy", "qwk", "recall", "precision", "confusion"}
+    preds = pd.read_csv(out / "predictions.csv")
+    test = preds[preds.split == "test"]
+    assert m["regression"]["mae"] == pytest.approx((test.predicted - test.bone_age_months).abs().mean())
+    conformal = json.loads((out / "model" / "conformal.json").read_text())
+    assert conformal["coverage"] == 0.9 and conformal["n_valid"] == 4
+    for f in ["prediction_scatter.png", "residuals.png", "error_by_age_band.png", "confusion_matrix.png"]:
+        assert (out / f).stat().st_size > 5_000, f
+    results = (out / "results.md").read_text()
+    assert "this run (phantom, 4 test images)" in results and "reference (RSNA test set, published)" in results
+
+
+def test_bias_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "06_bias.json").read_text())
+    assert w["verdict"].startswith(("No sex bias", "Sex bias")) and (out / "sex_bias.png").exists()
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["sex_bias"]["verdict"] == w["verdict"] and w["verdict"] in (out / "results.md").read_text()
+
+
+def test_gradcam_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "07_gradcam.json").read_text())
+    assert w["layer"] == "block14_sepconv2_act" and len(w["figures"]) == 4
+    assert all((out / f).exists() for f in w["figures"])
+    loc = w["localisation"]
+    assert loc["n_images"] == 4 and loc["maximum"] > 1 and loc["trained"] >= 0 and loc["untrained"] >= 0
+
+
 def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
     out, _ = phantom_run
     before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy")]}
@@ -93,7 +128,7 @@ def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
 
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
     r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1",
-                    "--only", "00", "01", "02", "04")
+                    "--only", "00", "01", "02", "04", "05", "06", "07")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
@@ -102,6 +137,9 @@ def test_run_on_real_radiographs(rsna_sample, tmp_path):
     assert not (tmp_path / "phantom").exists()  # real data: no phantom generated
     w = json.loads((tmp_path / "04_training.json").read_text())  # the real-image path end to end (no accuracy claim)
     assert w["epochs_run"] == 1 and (tmp_path / "model" / "best.keras").exists()
+    assert json.loads((tmp_path / "metrics.json").read_text())["data"] == "rsna-sample, 6 test images"
+    g = json.loads((tmp_path / "07_gradcam.json").read_text())
+    assert g["localisation"] == {} and len(g["figures"]) == 4  # real images: overlays only, no masks to score
 
 
 def test_bad_data_dir_is_one_line(tmp_path, capsys):

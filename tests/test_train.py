@@ -90,18 +90,25 @@ def test_trains_on_jax_backend(tiny_phantom, tmp_path):
     assert stats["backend"] == "jax" and stats["precision"] == "float32"
 
 
-def test_learns_better_than_the_mean_age(tmp_path):
-    from boneage.data import load_dataset, split_dataset
-    from boneage.phantom import make_phantom_dataset
-    from boneage.train import predict_split, train
-    data = make_phantom_dataset(tmp_path / "ph", n=160, size=96, seed=11, progress=False)
-    df = split_dataset(load_dataset(data), seed=0)
-    cfg = TrainConfig(image_size=72, epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", head_width=64,
-                      batchnorm_momentum=0.9, seed=0)  # the course's settings for random weights
-    result = train(df, tmp_path / "out", cfg, verbose=False)
-    idx, pred = predict_split(result.model, df, "test", 72, tmp_path / "out" / "cache")
+def test_learns_better_than_the_mean_age(trained_phantom):
+    from boneage.train import predict_split
+    result, df, data, out = trained_phantom
+    idx, pred = predict_split(result.model, df, "test", 72, out / "cache")
     y = df.bone_age_months.to_numpy()[idx]
     baseline = np.full_like(y, df.bone_age_months[df.split == "train"].mean())
     model_mae, baseline_mae = regression_summary(y, pred)["mae"], regression_summary(y, baseline)["mae"]
     assert model_mae < 0.9 * baseline_mae, (model_mae, baseline_mae)
     assert np.std(pred) > 5  # not a constant prediction
+
+
+def test_resume_with_other_settings_starts_over(tiny_phantom, tmp_path, capsys):
+    from boneage.data import load_dataset, split_dataset
+    from boneage.train import train
+    model_dir = tmp_path / "model"; (model_dir / "backup").mkdir(parents=True)
+    (model_dir / "config.json").write_text(json.dumps({"image_size": 128, "precision_used": "float32"}))
+    (model_dir / "backup" / "latest.weights.h5").write_bytes(b"weights of another model")
+    (model_dir / "backup" / "training_metadata.json").write_text('{"epoch": 3, "batch": 0}')
+    df = split_dataset(load_dataset(tiny_phantom), seed=0)
+    r = train(df, tmp_path, TrainConfig(image_size=72, epochs=1, batch_size=8, seed=0), resume=True)
+    assert "settings differ from the interrupted run; starting over" in capsys.readouterr().out
+    assert r.stats["epochs_run"] == 1 and r.history.epoch.tolist() == [1]
