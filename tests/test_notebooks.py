@@ -61,7 +61,7 @@ def test_phantom_notebook(phantom_run):
 def test_preprocessing_notebook(phantom_run):
     out, _ = phantom_run
     w = json.loads((out / "02_preprocessing.json").read_text())
-    assert w["image_size"] == 72 and w["n_cached"] == 24 and w["pipeline_images_per_s"] > 0
+    assert w["image_size"] == 72 and w["n_cached"] == 24
     assert w["cache_mib"] == round(24 * 72 * 72 / 2**20, 2)
     assert len(list((out / "cache").glob("radiographs-72-*.npy"))) == 1
 
