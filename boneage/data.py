@@ -90,7 +90,8 @@ def check_labels(labels, images):
 def summarize_problems(problems, n_rows):
     "One line: how many items were left out, and the count per reason."
     if len(problems) == 0: return f"all {n_rows} rows usable"
-    kinds = problems["reason"].str.replace(r"'.*'|\d+(\.\d+)?", "…", regex=True).value_counts()
+    # the kind of problem without its values: quoted text and stand-alone numbers become "…"
+    kinds = problems["reason"].str.replace(r"'[^']*'|(?<![/\w])-?\d+(\.\d+)?(?![/\w])", "…", regex=True).value_counts()
     return f"{len(problems)} problem(s) in {n_rows} rows: " + "; ".join(f"{n} × {k}" for k, n in kinds.items())
 
 # %% ../nbs/00_data.ipynb
