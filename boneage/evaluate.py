@@ -19,11 +19,10 @@ from sklearn import metrics as skm
 # %% ../nbs/05_evaluation.ipynb
 def regression_metrics(y_true, y_pred):
     "R², MAE, RMSE, median absolute error (months) and the share within ±6, ±12 and ±24 months."
+    from boneage.train import regression_summary  # R², MAE and RMSE, as training reports them
     y_true, y_pred = np.asarray(y_true, float), np.asarray(y_pred, float)
     err = np.abs(y_pred - y_true)
-    return {"n": int(len(y_true)), "r2": float(skm.r2_score(y_true, y_pred)),
-            "mae": float(skm.mean_absolute_error(y_true, y_pred)),
-            "rmse": float(np.sqrt(skm.mean_squared_error(y_true, y_pred))),
+    return {"n": int(len(y_true)), **regression_summary(y_true, y_pred),
             "median_ae": float(skm.median_absolute_error(y_true, y_pred)),
             **{f"within_{k}": float((err <= k).mean()) for k in (6, 12, 24)}}
 
