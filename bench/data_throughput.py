@@ -12,7 +12,8 @@ import numpy as np
 
 from boneage.data import find_rsna_sample, load_dataset
 from boneage.phantom import make_phantom_dataset
-from boneage.preprocess import BoneAgeBatches, build_cache
+from boneage.preprocess import build_cache
+from boneage.train import BoneAgeBatches
 
 
 def main():

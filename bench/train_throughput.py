@@ -66,7 +66,7 @@ def timm_rates(size, batch, steps, warmup):
 
 def pipeline_rate(size, batch, n=512):
     import numpy as np
-    from boneage.preprocess import BoneAgeBatches
+    from boneage.train import BoneAgeBatches
     cache = np.random.default_rng(0).integers(0, 255, (n, size, size), dtype=np.uint8)
     data = BoneAgeBatches(cache, np.zeros(n), np.zeros(n), batch_size=batch, shuffle=True, augment=True)
     t = time.perf_counter(); seen = 0

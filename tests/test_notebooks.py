@@ -30,7 +30,8 @@ def test_every_pipeline_notebook_ran(phantom_run):
     out, r = phantom_run
     names = [p.name for p in pipeline_notebooks()]
     assert names == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb", "03_model.ipynb",
-                     "04_training.ipynb", "05_evaluation.ipynb", "06_bias.ipynb", "07_gradcam.ipynb"]
+                     "04_training.ipynb", "05_evaluation.ipynb", "06_bias.ipynb", "07_gradcam.ipynb",
+                     "08_inference.ipynb"]
     for name in names:
         nb = nbformat.read(out / "notebooks" / name, as_version=4)
         assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
@@ -118,6 +119,17 @@ def test_gradcam_notebook(phantom_run):
     assert loc["n_images"] == 4 and loc["maximum"] > 1 and loc["trained"] >= 0 and loc["untrained"] >= 0
 
 
+def test_inference_notebook(phantom_run):
+    out, _ = phantom_run
+    w = json.loads((out / "08_inference.json").read_text())
+    assert w["n_test"] == 4 and (out / "inference_inputs.png").stat().st_size > 10_000
+    info = json.loads((out / "model" / "bundle.json").read_text())
+    assert info["format"] == "boneage-bundle/1" and info["dataset"]["kind"] == "phantom"
+    assert info["preprocessing"]["image_size"] == 72 and info["stages"]["edges_years"] == [10, 18]
+    assert info["onnx"]["max_abs_diff_months"] < 0.01 and (out / "model" / "model.onnx").stat().st_size > 1e6
+    assert "conformal" in info and info["test_metrics"]["n"] == 4
+
+
 def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
     out, _ = phantom_run
     before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy")]}
@@ -128,7 +140,7 @@ def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
 
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
     r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1",
-                    "--only", "00", "01", "02", "04", "05", "06", "07")
+                    "--only", "00", "01", "02", "04", "05", "06", "07", "08")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
@@ -138,6 +150,9 @@ def test_run_on_real_radiographs(rsna_sample, tmp_path):
     w = json.loads((tmp_path / "04_training.json").read_text())  # the real-image path end to end (no accuracy claim)
     assert w["epochs_run"] == 1 and (tmp_path / "model" / "best.keras").exists()
     assert json.loads((tmp_path / "metrics.json").read_text())["data"] == "rsna-sample, 6 test images"
+    info = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    assert info["dataset"]["kind"] == "radiographs" and info["dataset"]["n_images"] == 40
+    assert json.loads((tmp_path / "08_inference.json").read_text())["n_test"] == 6
     g = json.loads((tmp_path / "07_gradcam.json").read_text())
     assert g["localisation"] == {} and len(g["figures"]) == 4  # real images: overlays only, no masks to score
 

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 
 from boneage.data import load_dataset
-from boneage.preprocess import (BoneAgeBatches, ImageError, augment, build_cache, letterbox, load_radiograph,
+from boneage.preprocess import (ImageError, augment, build_cache, letterbox, load_radiograph,
                                 read_radiograph, to_uint8_gray, xception_scale)
+from boneage.train import BoneAgeBatches
 
 
 @pytest.fixture
@@ -148,7 +149,7 @@ def test_batches_shapes_order_and_augmentation(tmp_path):
 
 BACKEND_SCRIPT = textwrap.dedent("""
     import numpy as np, keras
-    from boneage.preprocess import BoneAgeBatches
+    from boneage.train import BoneAgeBatches
     assert keras.backend.backend() == "{backend}"
     cache = np.random.default_rng(0).integers(0, 255, (8, 32, 32), dtype=np.uint8)
     data = BoneAgeBatches(cache, np.arange(8) % 2, np.arange(8) * 10.0, batch_size=4, shuffle=True, augment=True)

@@ -1,0 +1,85 @@
+"""Prediction speed end to end (decode included): cold start and warm images/s, ONNX Runtime vs Keras.
+
+    python bench/predict.py                      # the 40 real radiographs beside the repository, 256², batch 1 and 8
+    python bench/predict.py --images DIR --bundle Bone_age_prediction/model
+
+Cold start is a fresh `boneage predict IMAGE` process, from launch to its exit after printing the one result.
+Warm is a loaded `Predictor` running `predict_many` over the images (read, letterbox, scale, model) after one
+warm-up pass. Without --bundle, an untrained Xception bundle at --size is built and exported to ONNX in a temporary
+folder: speed does not depend on the weights.
+"""
+import argparse, os, statistics, subprocess, sys, tempfile, time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def make_bundle(folder, size):
+    "An untrained `size`² Xception saved as a bundle with an ONNX copy."
+    import numpy as np
+    from boneage.inference import export_onnx, load_bundle
+    from boneage.model import build_model
+    from boneage.preprocess import BUNDLE_FORMAT, preprocessing_spec
+    from boneage.train import write_bundle_info
+    model = build_model(size, weights=None)
+    model.predict({"image": np.zeros((1, size, size, 3), "float32"), "male": np.zeros((1, 1), "float32")}, verbose=0)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save(folder / "best.keras")
+    write_bundle_info(folder, format=BUNDLE_FORMAT, model_file="best.keras", preprocessing=preprocessing_spec(size),
+                      dataset={"kind": "none", "n_images": 0}, package_version="bench")
+    export_onnx(load_bundle(folder))
+    return folder
+
+
+def cold_start(image, bundle, backend, repeats):
+    cmd = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict", str(image),
+           "--sex", "M", "--model", str(bundle), "--backend", backend, "--format", "csv", "--no-progress"]
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        times.append(time.perf_counter() - t0)
+        assert r.returncode == 0, r.stderr[-2000:]
+    return statistics.median(times)
+
+
+def warm(images, bundle, backend, batch, passes):
+    from boneage.inference import Predictor
+    p = Predictor(bundle, backend, batch_size=batch)
+    items = [(str(i), True, None) for i in images]
+    list(p.predict_many(items))  # warm-up: first-call allocations, file cache
+    t0 = time.perf_counter()
+    for _ in range(passes): n = sum(1 for _ in p.predict_many(items))
+    return passes * n / (time.perf_counter() - t0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", help="folder of radiographs (default: the shared RSNA sample)")
+    ap.add_argument("--bundle", help="a model bundle with an ONNX copy (default: an untrained one at --size)")
+    ap.add_argument("--size", type=int, default=256)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--passes", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3, help="cold starts per backend (median reported)")
+    ap.add_argument("--backends", nargs="+", default=["onnx", "keras"])
+    args = ap.parse_args()
+    if args.images: folder = Path(args.images)
+    else:
+        from boneage.data import find_rsna_sample
+        folder = find_rsna_sample()
+        if folder is None: sys.exit("no --images and no shared RSNA sample beside the repository")
+        folder = folder / "images"
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp) / "bundle", args.size)
+        print(f"{len(images)} images from {folder}; bundle {bundle}; {os.cpu_count()} CPUs")
+        for backend in args.backends:
+            print(f"{backend:5s} cold start (process start → first result): {cold_start(images[0], bundle, backend, args.repeats):.2f} s",
+                  flush=True)
+            for b in args.batch:
+                print(f"{backend:5s} warm, batch {b}: {warm(images, bundle, backend, b, args.passes):.1f} images/s "
+                      "(decode included)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
