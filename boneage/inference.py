@@ -370,12 +370,14 @@ class Predictor:
     def predict_many(self, items):
         "One BoneAgePrediction or PredictionFailure per (source, male, chronological_age) item, in order."
         items, chunk = list(items), max(1, self.batch_size // (5 if self.tta else 1))
-        with ThreadPoolExecutor(1) as pool:  # decode the next chunk while this one runs
-            pending = pool.submit(lambda c: [self._load(i) for i in c], items[:chunk])
+        # the next chunk is decoded (on several threads: OpenCV releases the GIL) while this one runs
+        with ThreadPoolExecutor(1) as ahead, ThreadPoolExecutor(min(4, os.cpu_count() or 1)) as decoders:
+            load = lambda c: list(decoders.map(self._load, c))
+            pending = ahead.submit(load, items[:chunk])
             for start in range(0, len(items), chunk):
                 loaded = pending.result()
                 nxt = items[start + chunk:start + 2 * chunk]
-                if nxt: pending = pool.submit(lambda c: [self._load(i) for i in c], nxt)
+                if nxt: pending = ahead.submit(load, nxt)
                 yield from self._run(loaded)
 
 def _has_onnxruntime():
