@@ -7,5 +7,10 @@ __version__ = "0.1.0"
 __all__ = []
 
 # %% ../nbs/index.ipynb
-# `boneage.predict(...)` for scripts: one radiograph in, a bone age out (see the inference notebook)
-from .inference import predict
+# `boneage.predict(...)` for scripts: one radiograph in, a bone age out (see the inference notebook). Imported on
+# first use, so that `import boneage.data` does not load OpenCV and the inference code.
+def __getattr__(name):
+    if name == "predict":
+        from boneage.inference import predict
+        return predict
+    raise AttributeError(f"module 'boneage' has no attribute {name!r}")

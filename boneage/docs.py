@@ -7,7 +7,7 @@ __all__ = ['NOISE', 'COURSE_CAPTION', 'PROJECT_PAGES', 'RESULT_FIGURES', 'DocsEr
            'clean_for_site', 'copy_linked_files', 'toctree_cell', 'results_page', 'api_pages', 'build_site']
 
 # %% ../nbs/91_docs.ipynb
-import re, shutil, sys
+import json, re, shutil, sys
 from pathlib import Path
 
 # %% ../nbs/91_docs.ipynb
@@ -93,7 +93,7 @@ def results_page(out_dir, page_dir):
     out_dir, page_dir = Path(out_dir), Path(page_dir)
     if not (out_dir / "results.md").exists(): raise DocsError(f"{out_dir / 'results.md'}: missing (the evaluation notebook writes it)")
     table = re.sub(r"^# Results\s*", "", (out_dir / "results.md").read_text()).strip()
-    m = __import__("json").loads((out_dir / "metrics.json").read_text())
+    m = json.loads((out_dir / "metrics.json").read_text())
     c = m.get("conformal", {})
     parts = ["# Results", "",
              f"The latest run of the course: **{m['data']}**, model input {m['image_size']}². The reference system's "

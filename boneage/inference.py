@@ -127,7 +127,7 @@ class Bundle:
     "A trained model folder and its description: everything needed to use the model the way it was trained."
     path: Path
     info: dict
-    _model: object = field(default=None, repr=False)
+    _model: object = field(default=None, repr=False, init=False)
 
     @property
     def image_size(self): return int(self.info["preprocessing"]["image_size"])
@@ -385,12 +385,18 @@ def _has_onnxruntime():
     return importlib.util.find_spec("onnxruntime") is not None
 
 @lru_cache(maxsize=4)
-def _predictor(model, backend, tta, fix_inverted): return Predictor(model, backend, tta, fix_inverted)
+def _predictor(model, backend, tta, fix_inverted, stamp): return Predictor(model, backend, tta, fix_inverted)
+
+def _stamp(model):
+    "When the bundle was last written: a retrained bundle gets a new predictor, not the cached one."
+    meta = (Path(model) if model else default_model_dir()) / BUNDLE_FILE
+    return meta.stat().st_mtime_ns if meta.is_file() else None
 
 def predict(image, male=None, chronological_age=None, model=None, tta=False, backend="auto", fix_inverted=False):
     "Bone age of one radiograph (a file path or an image array): a `BoneAgePrediction`."
+    if isinstance(model, Bundle): model = model.path
     predictor = model if isinstance(model, Predictor) else _predictor(
-        None if model is None else str(model), backend, tta, fix_inverted)
+        None if model is None else str(model), backend, tta, fix_inverted, _stamp(model))
     (result,) = predictor.predict_many([(image, male, chronological_age)])
     if isinstance(result, PredictionFailure): raise ImageError(result.reason)
     return result
@@ -462,7 +468,7 @@ def run_predictions(inputs=(), manifest=None, sex=None, chronological_age=None, 
         items = collect_inputs(inputs, manifest, sex, chronological_age)
         if not items: raise InputError("no images given (files, folders or --manifest)")
         predictor = Predictor(model, backend, tta, fix_inverted, batch_size)
-    except (InputError, BundleError, ValueError) as e:
+    except ValueError as e:  # InputError, BundleError: one line, nothing started
         print(f"boneage predict: {e}", file=sys.stderr); return 2
     if predictor.bundle.trained_on_phantom:
         print(f"WARNING: {predictor.bundle.path}: {PHANTOM_WARNING}.", file=sys.stderr)
