@@ -6,6 +6,8 @@
 __all__ = ['IMAGENET_NOTOP', 'RAW_255_BACKBONES', 'WeightsError', 'build_model', 'parameter_table']
 
 # %% ../nbs/03_model.ipynb
+from pathlib import Path
+
 import keras
 import numpy as np
 
@@ -22,9 +24,12 @@ def _backbone(name, image, weights):
     app = getattr(keras.applications, name, None)
     if app is None or not callable(app):
         raise ValueError(f"unknown backbone {name!r}: use a keras.applications model name such as Xception, InceptionV3, EfficientNetB4")
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise WeightsError(f"{weights}: weights file not found (pass a local {name} no-top .h5 file, 'imagenet' or nothing)")
     try: return app(include_top=False, weights=weights, input_tensor=image)
     except Exception as e:
-        if weights != "imagenet": raise
+        if weights != "imagenet":
+            raise WeightsError(f"{weights}: not {name} no-top weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         where = IMAGENET_NOTOP.get(name, f"the Keras applications release files ({name} no-top)")
         raise WeightsError(f"could not download the ImageNet weights for {name} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                            f"on an offline machine get {where} and pass weights='path/to/that/file.h5'") from None
@@ -38,7 +43,7 @@ def _scale_for(name, image):
 
 # %% ../nbs/03_model.ipynb
 def build_model(image_size=256, backbone="Xception", weights=None, head_width=10, pooling="max",
-                trainable_backbone=True, age_mean=127.0, age_std=41.0, batchnorm_momentum=None):
+                trainable_backbone=True, age_mean=127.0, age_std=41.0, batchnorm_momentum=None, use_sex=True):
     "The bone-age network: inputs `image` (S×S×3 in [-1, 1]) and `male` (0/1); output bone age in months (float32)."
     image = keras.Input((image_size, image_size, 3), name="image")
     male = keras.Input((1,), name="male")
@@ -49,7 +54,7 @@ def build_model(image_size=256, backbone="Xception", weights=None, head_width=10
             if isinstance(layer, keras.layers.BatchNormalization): layer.momentum = batchnorm_momentum
     pool = {"max": keras.layers.GlobalMaxPooling2D, "avg": keras.layers.GlobalAveragePooling2D}[pooling]
     x = keras.layers.Flatten(name="features")(pool(name="pool")(base.output))
-    x = keras.layers.Concatenate(name="features_and_sex")([x, keras.ops.cast(male, x.dtype)])
+    if use_sex: x = keras.layers.Concatenate(name="features_and_sex")([x, keras.ops.cast(male, x.dtype)])
     x = keras.layers.Dense(head_width, activation="relu", name="head")(x)
     x = keras.layers.Dense(1, dtype="float32", name="standardized_age")(x)
     months = keras.layers.Rescaling(age_std, offset=age_mean, dtype="float32", name="bone_age_months")(x)

@@ -1,6 +1,12 @@
-import os
+import os, shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
+
 from boneage.data import find_shared_data
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
@@ -19,16 +25,77 @@ def rsna_sample(shared_data):
     return shared_data / "rsna-sample"
 
 
+TINY_CONFIG = dict(epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", head_width=64, batchnorm_momentum=0.9,
+                   seed=0, workers=0)
+
+
 @pytest.fixture(scope="session")
 def trained_phantom(tmp_path_factory):
     "A model trained at tiny settings on phantoms (the course's settings for random weights), shared by tests."
     from boneage.data import load_dataset, split_dataset
     from boneage.phantom import make_phantom_dataset
+    from boneage.preprocess import preprocessing_spec
     from boneage.train import TrainConfig, train
     tmp = tmp_path_factory.mktemp("trained")
     data = make_phantom_dataset(tmp / "ph", n=160, size=96, seed=11, progress=False)
     df = split_dataset(load_dataset(data), seed=0)
-    cfg = TrainConfig(image_size=72, epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", head_width=64,
-                      batchnorm_momentum=0.9, seed=0)
-    result = train(df, tmp / "out", cfg, verbose=False)
+    result = train(df, tmp / "out", preprocessing_spec(72), TrainConfig(**TINY_CONFIG), verbose=False)
     return result, df, data, tmp / "out"
+
+
+def complete_bundle(model_dir, df, conformal=None):
+    "What the evaluation, gate and inference notebooks add to a trained bundle: intervals, stages, the gate, ONNX."
+    from boneage.bundle import load_bundle, write_bundle_info
+    from boneage.gate import cached_features, feature_model, fit_feature_gate, save_gate
+    from boneage.inference import export_onnx
+    from boneage.preprocess import build_cache
+    bundle = load_bundle(model_dir)
+    write_bundle_info(model_dir, conformal=conformal or {"coverage": 0.9, "half_width": 20.0, "bands_years": [0, 2, 6, 10, 14, 19],
+                                                         "band_half_width": {"10–14 y": 15.0}, "n_calibration": 100},
+                      stages={"names": ["Child", "Adolescent", "Adult"], "edges_years": [10, 18]})
+    cache, _ = build_cache(df.path, bundle.spec, model_dir.parent / "cache", progress=False)
+    features = feature_model(bundle.keras_model())
+    rows = lambda s: np.flatnonzero(df.split == s)
+    stats, info = fit_feature_gate(cached_features(features, df, rows("train"), cache), cached_features(features, df, rows("valid"), cache))
+    save_gate(model_dir, stats, info)
+    export_onnx(load_bundle(model_dir))
+    return model_dir
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_phantom, tmp_path_factory):
+    "A copy of the tiny trained model as a full bundle: intervals, stages, the input gate and an ONNX copy."
+    _, df, _, out = trained_phantom
+    dest = tmp_path_factory.mktemp("bundle") / "model"
+    shutil.copytree(out / "model", dest)
+    return complete_bundle(dest, df)
+
+
+@pytest.fixture(scope="session")
+def ungated_bundle_dir(bundle_dir, tmp_path_factory):
+    "The same bundle without the learned gate score: results depend on the rules alone (no machine-dependent scores)."
+    from boneage.bundle import write_bundle_info
+    dest = tmp_path_factory.mktemp("ungated") / "model"
+    shutil.copytree(bundle_dir, dest)
+    write_bundle_info(dest, gate=None)
+    return dest
+
+
+TINY_RUN = ["--n-images", "60", "--phantom-size", "128", "--image-size", "72", "--seed", "3", "--epochs", "2"]
+
+
+def boneage_run(out, *args, backend="tensorflow"):
+    "`boneage run --out OUT ARGS` in a fresh process, as a user runs it."
+    import subprocess, sys
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend}
+    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out",
+                           str(out), "--no-progress", *args], capture_output=True, text=True, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="session")
+def tiny_course(tmp_path_factory):
+    "The whole course at tiny settings, as `boneage run` executes it: shared by the notebook and the docs tests."
+    out = tmp_path_factory.mktemp("course")
+    r = boneage_run(out, *TINY_RUN)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return out, r

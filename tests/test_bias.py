@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from boneage.bias import bias_verdict, errors_by_band_and_sex, errors_by_sex, sex_gaps
+from boneage.bias import bias_outcome, bias_verdict, errors_by_band_and_sex, errors_by_sex, sex_gaps
 
 
 @pytest.fixture
@@ -23,7 +23,8 @@ def test_unbiased_predictions_pass(patients):
     y, male, p = patients
     g = sex_gaps(y, p, male, n_boot=500, seed=0)
     assert g.loc["mae"].ci_low <= 0 <= g.loc["mae"].ci_high
-    assert bias_verdict(g).startswith("No sex bias detected")
+    outcome, text = bias_verdict(g)
+    assert outcome == "no bias" and text.startswith("No sex bias: ") and "within the ±2-month margin" in text
 
 
 def test_planted_bias_is_found(patients):
@@ -32,16 +33,43 @@ def test_planted_bias_is_found(patients):
     g = sex_gaps(y, late_for_girls, male, n_boot=500, seed=0)
     assert g.loc["mean_signed_error"].male_minus_female == pytest.approx(9.0, abs=1.5)
     assert g.loc["mean_signed_error"].ci_low > 0  # boys' errors are higher than girls' (girls' negative)
-    v = bias_verdict(g)
-    assert v.startswith("Sex bias") and "worse for girls" in v
+    outcome, text = bias_verdict(g)
+    assert outcome == "bias" and "worse for girls" in text
 
 
-def test_threshold_is_a_parameter(patients):
+def test_the_margin_is_a_parameter(patients):
     y, male, p = patients
     worse_for_boys = p + np.where(male, 3.0, 0) * np.sign(p - y)  # boys' errors 3 months larger
     g = sex_gaps(y, worse_for_boys, male, n_boot=500, seed=0)
-    assert bias_verdict(g, max_gap_months=2).startswith("Sex bias")
-    assert "larger than 5" not in bias_verdict(g, max_gap_months=5)
+    assert g.loc["mae"].male_minus_female == pytest.approx(2.69, abs=0.01)  # 3 months, less the sample's own gap
+    assert bias_verdict(g, margin=2)[0] == "bias"
+    assert bias_verdict(g, margin=5)[0] == "no bias"  # the whole interval inside ±5 months
+    assert bias_verdict(g, margin=3.2)[0] == "inconclusive"  # a real gap, but its interval reaches past the margin
+
+
+def test_too_few_patients_is_inconclusive_not_fair():
+    rng = np.random.default_rng(0)
+    e = rng.normal(0, 8, 20)
+    y = rng.uniform(12, 216, 40)
+    p = y + np.concatenate([e, rng.permutation(e)])  # girls and boys with exactly the same errors: a gap of 0
+    g = sex_gaps(y, p, np.arange(40) >= 20, n_boot=500, seed=0)
+    assert g.loc["mae"].male_minus_female == pytest.approx(0)
+    assert bias_verdict(g)[0] == "inconclusive" and g.loc["mae"].ci_high - g.loc["mae"].ci_low > 4
+
+
+@pytest.mark.parametrize("gap,lo,hi,outcome", [(0.3, -1.9, 1.9, "no bias"), (0.3, -2.1, 2.5, "inconclusive"),
+                                               (2.5, 0.5, 4.5, "bias"), (1.5, 0.2, 2.8, "inconclusive"),
+                                               (-3.0, -5.0, -1.0, "bias"), (3.3, -1.7, 8.8, "inconclusive")])
+def test_three_outcomes(gap, lo, hi, outcome):
+    assert bias_outcome(gap, lo, hi, margin=2.0) == outcome
+
+
+def test_r2_gap_with_its_interval(patients):
+    y, male, p = patients
+    g = sex_gaps(y, p, male, n_boot=300, seed=0)
+    t = errors_by_sex(y, p, male)
+    assert g.loc["r2"].male_minus_female == pytest.approx(t.loc["male", "r2"] - t.loc["female", "r2"])
+    assert g.loc["r2"].ci_low < g.loc["r2"].male_minus_female < g.loc["r2"].ci_high
 
 
 def test_seeded_bootstrap_repeats(patients):
@@ -52,7 +80,7 @@ def test_seeded_bootstrap_repeats(patients):
 
 def test_one_sex_only():
     g = sex_gaps([10, 20], [12, 18], [True, True], n_boot=10)
-    assert bias_verdict(g).startswith("Sex bias not assessed")
+    assert bias_verdict(g) == ("not assessed", "Sex bias not assessed: the test split lacks patients of one sex.")
 
 
 def test_by_band_and_sex(patients):

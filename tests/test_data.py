@@ -3,14 +3,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from boneage.data import DataError, load_dataset, read_labels, split_dataset, summarize_problems, parse_sex
+from boneage.clinical import parse_sex
+from boneage.reading import write_dicom
+from boneage.data import (SPLIT_FRACTIONS, DataError, MissingStepError, load_dataset, part_sizes, read_labels,
+                          read_split, split_dataset, split_fingerprint, summarize_problems, write_split)
 
 
 def make_folder(tmp_path, csv_text, image_ids, ext="png", images_sub="images"):
     img_dir = tmp_path / images_sub if images_sub else tmp_path
-    img_dir.mkdir(exist_ok=True)
+    img_dir.mkdir(parents=True, exist_ok=True)
     for i in image_ids:
-        cv2.imwrite(str(img_dir / f"{i}.{ext}"), np.zeros((8, 8), np.uint8))
+        if ext == "dcm": write_dicom(img_dir / f"{i}.{ext}", np.zeros((8, 8), np.uint16))
+        else: cv2.imwrite(str(img_dir / f"{i}.{ext}"), np.zeros((8, 8), np.uint8))
     (tmp_path / "labels.csv").write_text(csv_text)
     return tmp_path
 
@@ -40,7 +44,7 @@ def test_header_variants(tmp_path, header, row):
     assert df.id.tolist() == [5] and df.male.tolist() == [True] and df.bone_age_months.tolist() == [100.0]
 
 
-@pytest.mark.parametrize("ext", ["png", "PNG", "jpg", "JPEG"])
+@pytest.mark.parametrize("ext", ["png", "PNG", "jpg", "JPEG", "tif", "dcm"])
 def test_image_suffixes_any_case(tmp_path, ext):
     d = make_folder(tmp_path, "id,boneage,male\n3,50,F\n", [3], ext=ext)
     assert load_dataset(d, strict=True).path[0].name == f"3.{ext}"
@@ -108,10 +112,23 @@ def test_strict_lists_every_problem_in_one_line(tmp_path):
     assert "\n" not in msg and "1: sex 'Q'" in msg and "2: age 500" in msg and "3: missing image" in msg
 
 
-def test_sex_spellings():
-    assert [parse_sex(v) for v in ["M", "f", "Male", "FEMALE", "True", "false", "1", "0", " m "]] == \
-        [True, False, True, False, True, False, True, False, True]
-    assert parse_sex("x") is None and parse_sex("") is None
+def test_rsna_and_other_sex_spellings_in_a_label_file(tmp_path):
+    d = make_folder(tmp_path, "id,boneage,male\n1,10,True\n2,20,False\n3,30,M\n4,40,female\n5,50,1\n6,60,girl\n", range(1, 7))
+    assert load_dataset(d, strict=True).male.tolist() == [True, False, True, False, True, False]
+
+
+def test_zero_padded_ids_are_one_id(tmp_path):
+    d = make_folder(tmp_path, "id,boneage,male\n007,10,M\n8,20,F\n008,30,F\n", ["007", "9"])
+    df = load_dataset(d, verbose=False)
+    assert df.id.tolist() == [7] and df.path[0].name == "007.png"  # 007 is id 7, and its file is found
+    r = reasons(df)
+    assert r["8"] == r["008"] == "duplicate id (2 rows)" and r["9"] == "image without a label row"
+
+
+def test_excel_csv_with_byte_order_mark(tmp_path):
+    d = make_folder(tmp_path, "", [1])
+    (tmp_path / "labels.csv").write_bytes("\ufeffid,boneage,male\n1,120,M\n".encode("utf-8"))
+    assert load_dataset(d, strict=True).id.tolist() == [1]
 
 
 def test_summary():
@@ -126,28 +143,52 @@ def _table(n, seed=0):
                          "male": rng.random(n) < 0.54})
 
 
+@pytest.mark.parametrize("n", [8, 13, 60, 1000, 12611])
+def test_part_sizes_are_within_one_row_of_their_share(n):
+    sizes = part_sizes(n, SPLIT_FRACTIONS)
+    assert sum(sizes.values()) == n
+    assert all(abs(sizes[k] - f * n) < 1 for k, f in SPLIT_FRACTIONS.items()), sizes
+
+
 def test_split_is_seeded_disjoint_and_stratified():
     df = _table(1000)
     a, b, c = split_dataset(df, seed=1), split_dataset(df, seed=1), split_dataset(df, seed=2)
     assert a.split.tolist() == b.split.tolist() and a.split.tolist() != c.split.tolist()
-    frac = a.split.value_counts(normalize=True)
-    assert abs(frac["train"] - 0.70) < 0.01 and abs(frac["valid"] - 0.15) < 0.01 and abs(frac["test"] - 0.15) < 0.01
+    assert a.split.value_counts().to_dict() == part_sizes(1000, SPLIT_FRACTIONS)
     # stratified: the share of boys and of each age bin is about the same in every split
-    by_split = a.groupby("split").male.mean()
-    assert by_split.max() - by_split.min() < 0.03
-    young = a.assign(y=a.bone_age_months < 72).groupby("split").y.mean()
-    assert young.max() - young.min() < 0.03
+    # (calib, 50 images over 20 strata, is left out: rounding within strata moves its shares by a few images)
+    big = a[a.split != "calib"]
+    by_split = big.groupby("split").male.mean()
+    assert by_split.max() - by_split.min() < 0.04
+    young = big.assign(y=big.bone_age_months < 72).groupby("split").y.mean()
+    assert young.max() - young.min() < 0.04
 
 
 def test_split_small_data_falls_back():
-    df = _table(12)
-    s = split_dataset(df, seed=0)
-    assert set(s.split) == {"train", "valid", "test"} and s.split.notna().all()
+    s = split_dataset(_table(12), seed=0)
+    assert s.split.value_counts().to_dict() == part_sizes(12, SPLIT_FRACTIONS) and s.split.notna().all()
 
 
-def test_split_fractions_checked():
-    with pytest.raises(ValueError, match="do not add up"):
-        split_dataset(_table(20), fractions=(0.5, 0.2, 0.2))
+def test_split_too_few_rows_or_bad_fractions_is_one_clear_error():
+    with pytest.raises(DataError, match="do not add up"):
+        split_dataset(_table(20), fractions={"train": 0.5, "valid": 0.2, "test": 0.2})
+    with pytest.raises(DataError, match="3 usable rows are too few to split into"):
+        split_dataset(_table(3))
+
+
+def test_split_file_keeps_relative_paths_and_moves_with_its_folder(tmp_path):
+    d = make_folder(tmp_path / "run" / "data", "id,boneage,male\n" + "".join(f"{i},{10 * i},M\n" for i in range(1, 11)), range(1, 11))
+    df = split_dataset(load_dataset(d), seed=0)
+    f = write_split(df, tmp_path / "run")
+    assert f.read_text().splitlines()[1].endswith(",data/images/" + df.path[0].name) and str(tmp_path) not in f.read_text()
+    (tmp_path / "run").rename(tmp_path / "moved")
+    back = read_split(tmp_path / "moved")
+    assert split_fingerprint(back) == split_fingerprint(df) and back.path[0] == (tmp_path / "moved" / "data" / "images" / df.path[0].name)
+    (tmp_path / "moved" / "data" / "images" / "3.png").unlink()
+    with pytest.raises(DataError, match="1 images it lists are gone"):
+        read_split(tmp_path / "moved")
+    with pytest.raises(MissingStepError, match=r"split.csv: not found; run the data notebook \(00_data\) first"):
+        read_split(tmp_path / "nowhere")
 
 
 def test_real_sample(rsna_sample):
@@ -161,7 +202,6 @@ def test_full_rsna_label_split(shared_data):
     assert len(labels) == 12611
     df = labels.astype({"id": int, "bone_age_months": float}).assign(male=labels.male.map(parse_sex))
     s = split_dataset(df, seed=42)
-    counts = s.split.value_counts()
-    assert counts["train"] == 8827 and counts["valid"] + counts["test"] == 12611 - 8827
+    assert s.split.value_counts().to_dict() == part_sizes(12611, SPLIT_FRACTIONS)
     assert s.groupby("id").split.nunique().max() == 1
     assert s.split.tolist() == split_dataset(df, seed=42).split.tolist()

@@ -1,17 +1,17 @@
-"""The built docs site in a real browser: every page loads cleanly, links resolve, images load; API entries exist."""
+"""The docs site, built here from a tiny course run into a temporary folder, opened page by page in a real browser."""
 import functools, http.server, importlib, os, re, shutil, threading
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-SITE = ROOT / "docs" / "_site"
-ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
+from conftest import ROOT
+
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CI = os.environ.get("CI") == "true"
 FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
+ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
 
 
 def _need(condition, reason):
@@ -21,14 +21,15 @@ def _need(condition, reason):
 
 
 @pytest.fixture(scope="module")
-def site():
-    _need((SITE / "index.html").exists(), "docs site not built (run `boneage docs`)")
-    return SITE
+def site(tiny_course, tmp_path_factory):
+    from boneage.docs import build_site
+    out, _ = tiny_course
+    return build_site(out, tmp_path_factory.mktemp("site") / "site", progress=False), out
 
 
 @pytest.fixture(scope="module")
 def server(site):
-    handler = functools.partial(QuietHandler, directory=str(site))
+    handler = functools.partial(QuietHandler, directory=str(site[0]))
     httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -54,36 +55,41 @@ def pages(site):
 
 
 def test_site_has_every_page(site):
-    got = set(pages(site))
-    expected = {"index.html", "results.html", "data.html", "gpu.html", "contributing.html", "api/index.html"}
-    expected |= {f"{p.stem}.html" for p in (ROOT / "nbs").glob("[0-9][0-9]_*.ipynb")}
+    got = set(pages(site[0]))
+    expected = {"index.html", "results.html", "data.html", "inputs.html", "gpu.html", "contributing.html", "api/index.html"}
+    from boneage.course import _tags
+    expected |= {f"{p.stem}.html" for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb") if "optional" not in (_tags(p) or [])}
     assert expected <= got, expected - got
 
 
 def test_api_reference_documents_every_export(site):
     for mod_file in sorted((ROOT / "boneage").glob("[a-z]*.py")):
         mod = importlib.import_module(f"boneage.{mod_file.stem}")
-        html = (site / "api" / f"{mod_file.stem}.html").read_text()
+        html = (site[0] / "api" / f"{mod_file.stem}.html").read_text()
         missing = [n for n in getattr(mod, "__all__", []) if f'id="boneage.{mod_file.stem}.{n}"' not in html]
         assert not missing, (mod_file.stem, missing)
-    assert 'id="boneage.inference.predict"' in (site / "api" / "inference.html").read_text()
+    assert 'id="boneage.inference.predict"' in (site[0] / "api" / "inference.html").read_text()
 
 
-def test_pages_show_executed_outputs(site):
-    training = (site / "04_training.html").read_text()
-    assert "<img" in training and "epoch" in training  # the learning curves and the epoch lines of a real run
-    results = (site / "results.html").read_text()
-    assert "reference (RSNA test set, published)" in results and "this run (" in results
-    for page in pages(site):  # no machine paths or start-up noise leak into the pages
-        text = (site / page).read_text()
-        assert str(ROOT) not in text and "oneDNN custom operations are on" not in text, page
+def test_pages_show_executed_outputs_and_no_machine_paths(site):
+    s, out = site
+    training = (s / "04_training.html").read_text()
+    assert "<img" in training and "epoch 2/2" in training  # the learning curves and the epoch lines of the run
+    results = (s / "results.html").read_text()
+    assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 31 test images)" in results
+    assert "95% CI" in results and "one run on one machine" in results
+    for page in pages(s):
+        text = (s / page).read_text()
+        assert str(ROOT) not in text and str(out) not in text and "oneDNN custom operations are on" not in text, page
+        assert "boneage.github.io/boneage/" not in text, page  # the notebooks' own link to their page
 
 
 def test_every_page_in_chromium(site, server, browser):
+    s = site[0]
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    ids = {p: set(re.findall(r'id="([^"]+)"', (site / p).read_text())) for p in pages(site)}
+    ids = {p: set(re.findall(r'id="([^"]+)"', (s / p).read_text())) for p in pages(s)}
     problems = []
-    for page in pages(site):
+    for page in pages(s):
         tab = browser.new_page()
         errors = []
         tab.on("console", lambda m: errors.append(f"console {m.type}: {m.text}") if m.type == "error" else None)
@@ -96,7 +102,7 @@ def test_every_page_in_chromium(site, server, browser):
             if url.scheme not in ("http", "https") or url.netloc != urlparse(server).netloc: continue
             target = unquote(url.path).lstrip("/") or "index.html"
             if target.endswith("/"): target += "index.html"
-            if not (site / target).is_file(): problems.append(f"{page}: link to missing {target}")
+            if not (s / target).is_file(): problems.append(f"{page}: link to missing {target}")
             elif url.fragment and target in ids and unquote(url.fragment) not in ids[target]:
                 problems.append(f"{page}: link to missing anchor {target}#{url.fragment}")
         for src, width in tab.eval_on_selector_all("img", "els => els.map(e => [e.src, e.naturalWidth])"):
@@ -109,16 +115,19 @@ def test_every_page_in_chromium(site, server, browser):
     assert (ARTIFACTS / "home.png").stat().st_size > 20_000
 
 
-@pytest.fixture(scope="module")
-def executed_course(tmp_path_factory):
+@pytest.fixture
+def executed_course(tiny_course, tmp_path):
     "A copy of the executed course (notebooks and results) that a test may break."
-    out = ROOT / "Bone_age_prediction"
-    _need((out / "notebooks" / "00_data.ipynb").exists(), "course not executed (run `boneage run` or `boneage docs`)")
-    dest = tmp_path_factory.mktemp("course")
-    for f in out.iterdir():
-        if f.is_file(): shutil.copy(f, dest / f.name)
-    shutil.copytree(out / "notebooks", dest / "notebooks", copy_function=shutil.copy)  # fresh times: not stale
+    out, _ = tiny_course
+    dest = tmp_path / "course"
+    shutil.copytree(out, dest, ignore=shutil.ignore_patterns("cache", "phantom"))
     return dest
+
+
+def test_build_skips_execution_when_the_executed_copies_are_current(executed_course, tmp_path, capsys):
+    from boneage.docs import build_site
+    build_site(executed_course, tmp_path / "site", progress=False)
+    assert "executing the course" not in capsys.readouterr().out and (tmp_path / "site" / "index.html").exists()
 
 
 def test_build_fails_on_a_broken_cross_reference(executed_course, tmp_path):
@@ -133,9 +142,16 @@ def test_build_fails_on_a_broken_cross_reference(executed_course, tmp_path):
 def test_build_fails_on_a_failed_cell(executed_course, tmp_path):
     import nbformat
     from boneage.docs import DocsError, build_site
-    course = tmp_path / "course"; shutil.copytree(executed_course, course, copy_function=shutil.copy)
-    nb = nbformat.read(course / "notebooks" / "06_bias.ipynb", as_version=4)
+    nb = nbformat.read(executed_course / "notebooks" / "06_bias.ipynb", as_version=4)
     nb.cells[-1].outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="'male'", traceback=[])]
-    nbformat.write(nb, course / "notebooks" / "06_bias.ipynb")
+    nbformat.write(nb, executed_course / "notebooks" / "06_bias.ipynb")
     with pytest.raises(DocsError, match=r"06_bias.ipynb: cell \d+ failed \(KeyError"):
-        build_site(course, tmp_path / "site", progress=False)
+        build_site(executed_course, tmp_path / "site", progress=False)
+
+
+def test_dest_that_is_not_a_site_is_never_deleted(executed_course, tmp_path):
+    from boneage.docs import DocsError, build_site
+    (tmp_path / "work").mkdir(); (tmp_path / "work" / "thesis.tex").write_text("months of work")
+    with pytest.raises(DocsError, match="exists and is not a site built by `boneage docs`; refusing to replace it"):
+        build_site(executed_course, tmp_path / "work", progress=False)
+    assert (tmp_path / "work" / "thesis.tex").read_text() == "months of work"

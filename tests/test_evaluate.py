@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
 
-from boneage.evaluate import (age_band, conformal_quantile, fit_conformal, mae_by_age_band, predict_interval,
-                              regression_metrics, results_table, stage, stage_metrics)
+from boneage.clinical import prediction_interval
+from boneage.evaluate import (age_band, bootstrap_ci, conformal_quantile, fit_conformal, mae_by_age_band, regression_cis,
+                              regression_metrics, results_markdown, stage, stage_metrics)
 
 
 def test_regression_metrics_against_hand_computation():
@@ -41,7 +42,7 @@ def test_stages():
 def test_conformal_quantile_is_finite_sample_corrected():
     r = np.arange(1, 11, dtype=float)  # 10 residuals
     assert conformal_quantile(r, 0.8) == 9.0  # ceil(11 * 0.8) = 9th smallest
-    assert conformal_quantile(r, 0.95) == np.inf  # not enough residuals for 95%
+    assert conformal_quantile(r, 0.95) is None  # not enough residuals for 95%
 
 
 @pytest.mark.parametrize("coverage", [0.8, 0.9])
@@ -50,16 +51,42 @@ def test_conformal_coverage_on_a_seeded_run(coverage):
     y = rng.uniform(0, 228, 6000)
     pred = y + rng.normal(0, 6, 6000) * (1 + y / 100)  # errors grow with age
     conf = fit_conformal(y[:3000], pred[:3000], coverage)
-    for by_band in (False, True):
-        lo, hi = predict_interval(pred[3000:], conf, by_band=by_band)
+    for c in (conf, {**conf, "band_half_width": {}}):  # per band, and the global half-width alone
+        lo, hi = prediction_interval(pred[3000:], c)
         covered = ((y[3000:] >= lo) & (y[3000:] <= hi)).mean()
-        assert abs(covered - coverage) < 0.03, (by_band, covered)
+        assert abs(covered - coverage) < 0.03, (c["band_half_width"], covered)
     assert conf["band_half_width"]["0–2 y"] < conf["band_half_width"]["14–19 y"]  # narrower where errors are small
 
 
-def test_results_table_labels_the_data():
-    metrics = {"regression": {"r2": 0.8, "mae": 14.2, "rmse": 17.7, "within_12": 0.48},
-               "stages": {"accuracy": 0.88, "qwk": 0.73}}
-    t = results_table(metrics, "phantom, 60 test images", sex_gap=1.5)
-    assert "this run (phantom, 60 test images)" in t and "reference (RSNA test set, published)" in t
-    assert "| MAE (months) | 14.20 | 9.04 |" in t and "| sex MAE gap (months) | +1.50 | < 2 |" in t
+def test_bootstrap_intervals_cover_known_values():
+    rng = np.random.default_rng(11)
+    y = rng.uniform(0, 228, 500)
+    p = y + rng.normal(0, 10, 500)
+    ci = regression_cis(y, p, n_boot=800, seed=1)
+    assert ci["mae"][0] < 10 * np.sqrt(2 / np.pi) < ci["mae"][1] and ci["rmse"][0] < 10 < ci["rmse"][1]
+    assert 0.1 < ci["mae"][1] - ci["mae"][0] < 1.5  # about 2 × 1.96 × SD/√n
+    assert bootstrap_ci(np.mean, np.arange(10.0), n_boot=200, seed=3) == bootstrap_ci(np.mean, np.arange(10.0), n_boot=200, seed=3)
+    s = stage_metrics(y, p, n_boot=300, seed=0)
+    assert s["ci"]["accuracy"][0] <= s["accuracy"] <= s["ci"]["accuracy"][1]
+
+
+def test_results_markdown_carries_every_reference_number():
+    metrics = {"data": "phantom, 520 test images", "data_kind": "phantom", "image_size": 96,
+               "regression": {"r2": 0.8, "mae": 14.2, "rmse": 17.7, "within_12": 0.48},
+               "regression_ci": {"r2": [0.77, 0.83], "mae": [13.1, 15.3], "rmse": [16.2, 19.1], "within_12": [0.44, 0.52]},
+               "stages": {"accuracy": 0.88, "qwk": 0.73, "recall": {"Child": 0.95, "Adolescent": 0.8, "Adult": None},
+                          "support": {"Child": 300, "Adolescent": 200, "Adult": 20}, "ci": {"accuracy": [0.85, 0.91], "qwk": [0.7, 0.76]}},
+               "conformal": {"coverage": 0.9, "half_width": 25.0, "n_calibration": 140, "calibrated_on": "calib", "test_coverage": 0.91},
+               "sex_bias": {"per_sex": {"female": {"r2": 0.86}, "male": {"r2": 0.76}},
+                            "gaps": {"mae": {"male_minus_female": 3.29, "ci_low": -1.67, "ci_high": 8.82},
+                                     "r2": {"male_minus_female": -0.1, "ci_low": -0.2, "ci_high": 0.0}},
+                            "verdict": "Sex bias inconclusive: …"}}
+    t = results_markdown(metrics)
+    assert "| metric | this run (phantom, 520 test images) | 95% CI | reference README (RSNA; split not stated) |" in t
+    assert "| MAE (months) | 14.20 | 13.10 to 15.30 | 9.04 |" in t and "| Child recall | 95.0% of 300 | — | 95% |" in t
+    assert "| Adult recall | — | — | — |" in t and "| R² girls / boys | 0.860 / 0.760 | — | — |" in t
+    assert "| MAE gap (months, boys − girls) | +3.29 | -1.67 to +8.82 | < 2 |" in t and "| R² gap (boys − girls) | -0.100 |" in t
+    assert "- R² ≥ 0.92: fail (0.800)" in t and "- MAE ≤ 12 months: fail (14.20)" in t and "test the pipeline" in t
+    assert "calibrated on 140 calib images" in t and "optimistic" not in t and t.rstrip().endswith("Sex bias inconclusive: …")
+    on_valid = results_markdown({**metrics, "conformal": {**metrics["conformal"], "calibrated_on": "valid"}})
+    assert "the coverage may be optimistic" in on_valid

@@ -3,7 +3,7 @@ import json, os, subprocess, sys, textwrap
 import numpy as np
 import pytest
 
-from boneage.gradcam import gradcam, localisation_score, mean_localisation, phantom_masks, upsample
+from boneage.gradcam import feature_layer, gradcam, localisation_score, mean_localisation, phantom_masks, upsample
 from boneage.model import build_model
 from boneage.preprocess import load_radiograph, xception_scale
 
@@ -22,10 +22,29 @@ def test_score_of_the_mask_itself_is_maximal():
 
 def test_heat_maps_shape_and_range():
     m = build_model(72)
-    x = np.random.default_rng(0).uniform(-1, 1, (3, 72, 72, 3)).astype("float32")
-    cams, pred = gradcam(m, x, [1, 0, 1])
-    assert cams.shape == (3, 3, 3) and cams.min() >= 0 and cams.max() <= 1 and pred.shape == (3,)
+    x = np.random.default_rng(0).uniform(-1, 1, (5, 72, 72, 3)).astype("float32")
+    cams, pred = gradcam(m, x, [1, 0, 1, 0, 1], batch_size=2)  # in batches: the same maps as all at once
+    all_at_once, _ = gradcam(m, x, [1, 0, 1, 0, 1], batch_size=8)
+    assert cams.shape == (5, 3, 3) and cams.min() >= 0 and cams.max() <= 1 and pred.shape == (5,) and cams.dtype == np.float32
+    np.testing.assert_allclose(cams, all_at_once, atol=1e-5)
     assert upsample(cams[0], 72).shape == (72, 72)
+
+
+@pytest.mark.parametrize("backbone,layer,size", [("Xception", "block14_sepconv2_act", 72), ("EfficientNetB0", "top_activation", 64),
+                                                 ("MobileNetV2", "out_relu", 64)])
+def test_the_layer_is_found_for_any_backbone(backbone, layer, size):
+    m = build_model(size, backbone)
+    assert feature_layer(m) == layer
+    cams, _ = gradcam(m, np.zeros((1, size, size, 3), "float32"), [1])
+    assert cams.shape[0] == 1 and np.isfinite(cams).all()
+
+
+def test_a_float16_model_still_gives_float32_maps():
+    import keras
+    from boneage.train import precision_policy
+    with precision_policy("mixed_float16"): m = build_model(72)
+    cams, _ = gradcam(m, np.random.default_rng(0).uniform(-1, 1, (2, 72, 72, 3)).astype("float32"), [1, 0])
+    assert cams.dtype == np.float32 and np.isfinite(cams).all() and cams.max() == pytest.approx(1, abs=1e-3)
 
 
 def _images(trained_phantom, n=24):

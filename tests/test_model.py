@@ -26,6 +26,15 @@ def test_sex_changes_the_prediction():
     assert a.shape == (1, 1) and not np.allclose(a, b)
 
 
+def test_without_the_sex_input():
+    m = build_model(72, use_sex=False)
+    img = np.random.default_rng(0).uniform(-1, 1, (1, 72, 72, 3)).astype("float32")
+    a = m.predict({"image": img, "male": np.ones((1, 1), "float32")}, verbose=0)
+    b = m.predict({"image": img, "male": np.zeros((1, 1), "float32")}, verbose=0)
+    assert np.array_equal(a, b) and [t.name for t in m.inputs] == ["image", "male"]
+    assert m.get_layer("head").input.shape[-1] == m.get_layer("features").output.shape[-1]  # nothing joins the features
+
+
 def test_starts_near_the_mean_age():
     m = build_model(72, age_mean=120.0, age_std=40.0)
     x = {"image": np.zeros((4, 72, 72, 3), "float32"), "male": np.ones((4, 1), "float32")}
@@ -77,8 +86,12 @@ def test_local_weights_file(tmp_path):
     src.save_weights(f)
     m = build_model(72, weights=str(f))
     np.testing.assert_array_equal(m.get_layer("block3_sepconv1").get_weights()[0], src.get_layer("block3_sepconv1").get_weights()[0])
-    with pytest.raises(Exception):
+    with pytest.raises(WeightsError, match="missing.h5: weights file not found"):
         build_model(72, weights=str(tmp_path / "missing.h5"))
+    other = tmp_path / "mobilenet.weights.h5"
+    keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(72, 72, 3)).save_weights(other)
+    with pytest.raises(WeightsError, match="mobilenet.weights.h5: not Xception no-top weights"):
+        build_model(72, weights=str(other))
 
 
 def test_parameter_table():

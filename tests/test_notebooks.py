@@ -1,158 +1,194 @@
-"""Execute the course headless, as `boneage run` does, and check what each notebook wrote."""
-import json, os, subprocess, sys
+"""Execute the course: headless as `boneage run` does, and from nbs/ with the notebooks' own defaults, as a student does."""
+import json, os, shutil, signal, subprocess, sys, time
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pandas as pd
 import pytest
 
-from boneage.cli import main, pipeline_notebooks, render_readme
+from boneage.cli import main
+from boneage.course import pipeline_notebooks, render_readme
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--n-images", "24", "--phantom-size", "128", "--image-size", "72", "--seed", "3", "--epochs", "2"]
+from conftest import ROOT, TINY_RUN as TINY, boneage_run
+
+PIPELINE = ["00_data", "01_phantom", "02_preprocessing", "03_model", "04_training", "05_evaluation", "06_bias",
+            "07_gradcam", "07a_gate", "08_inference", "08a_batch", "10_app", "11_archive"]
 
 
-def boneage_run(out, *args):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out", str(out), "--no-progress", *args],
-                          capture_output=True, text=True, env=env, cwd=ROOT)
+def errors(nb_path):
+    nb = nbformat.read(nb_path, as_version=4)
+    return [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
 
 
 @pytest.fixture(scope="module")
-def phantom_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("run")
-    r = boneage_run(out, *TINY)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, r
+def phantom_run(tiny_course):
+    return tiny_course
 
 
 def test_every_pipeline_notebook_ran(phantom_run):
     out, r = phantom_run
-    names = [p.name for p in pipeline_notebooks()]
-    assert names == ["00_data.ipynb", "01_phantom.ipynb", "02_preprocessing.ipynb", "03_model.ipynb",
-                     "04_training.ipynb", "05_evaluation.ipynb", "06_bias.ipynb", "07_gradcam.ipynb",
-                     "08_inference.ipynb"]
-    for name in names:
-        nb = nbformat.read(out / "notebooks" / name, as_version=4)
-        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells)
-        assert not [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
-        assert (out / (Path(name).stem + ".json")).exists()
-    assert f"{len(names)} notebooks in" in r.stdout
+    assert [p.stem for p in pipeline_notebooks()] == PIPELINE
+    for name in PIPELINE:
+        nb = nbformat.read(out / "notebooks" / f"{name}.ipynb", as_version=4)
+        assert any("injected-parameters" in c.metadata.get("tags", []) for c in nb.cells) and not errors(out / "notebooks" / f"{name}.ipynb")
+        if name not in ("08a_batch", "10_app", "11_archive"): assert (out / f"{name}.json").exists(), name  # these write none
+    assert f"{len(PIPELINE)} notebooks in" in r.stdout
 
 
 def test_data_notebook(phantom_run):
+    from boneage.data import PHANTOM_SPLIT_FRACTIONS, part_sizes
     out, _ = phantom_run
     w = json.loads((out / "00_data.json").read_text())
-    assert w["data"] == "phantom" and w["n_rows"] == 24 and w["n_problems"] == 0
-    assert sum(w["split_counts"].values()) == 24 and w["split_counts"]["train"] == 16
-    assert (out / "age_distribution.png").stat().st_size > 10_000
+    assert w["data"] == "phantom" and w["n_rows"] == 60 and w["n_problems"] == 0
+    assert w["split_counts"] == part_sizes(60, PHANTOM_SPLIT_FRACTIONS)
     split = pd.read_csv(out / "split.csv")
-    assert list(split.columns) == ["id", "bone_age_months", "male", "split"] and len(split) == 24
-    assert (out / "phantom" / "labels.csv").exists() and len(list((out / "phantom" / "images").glob("*.png"))) == 24
+    assert list(split.columns) == ["id", "bone_age_months", "male", "split", "path"] and len(split) == 60
+    assert split.path.str.startswith("phantom/images/").all()  # relative: the folder can move
+    assert (out / "phantom" / "labels.csv").exists() and len(list((out / "phantom" / "images").glob("*.png"))) == 60
     assert json.loads((out / "phantom" / "phantom.json").read_text())["recipe"]["size"] == 128
 
 
-def test_phantom_notebook(phantom_run):
-    out, _ = phantom_run
-    w = json.loads((out / "01_phantom.json").read_text())
-    assert w["figures"] == ["phantom_vs_real.png"] and w["phantom_size"] == 128
-    assert (out / "phantom_vs_real.png").stat().st_size > 50_000
-
-
-def test_preprocessing_notebook(phantom_run):
+def test_preprocessing_record_is_the_one_training_used(phantom_run):
     out, _ = phantom_run
     w = json.loads((out / "02_preprocessing.json").read_text())
-    assert w["image_size"] == 72 and w["n_cached"] == 24
-    assert w["cache_mib"] == round(24 * 72 * 72 / 2**20, 2)
+    assert w["image_size"] == 72 and w["n_cached"] == 60 and w["cache_mib"] == round(60 * 72 * 72 / 2**20, 2)
+    record = json.loads((out / "preprocessing.json").read_text())
+    assert json.loads((out / "model" / "bundle.json").read_text())["preprocessing"] == record
+    assert w["crop_check_phantoms"]["min_hand_kept"] > 0.995
     assert len(list((out / "cache").glob("radiographs-72-*.npy"))) == 1
-
-
-def test_model_notebook(phantom_run):
-    out, _ = phantom_run
-    w = json.loads((out / "03_model.json").read_text())
-    assert w["backbone"] == "Xception" and w["image_size"] == 72 and w["parameters"] > 20_000_000
-    table = pd.read_csv(out / "model_parameters.csv")
-    assert table.parameters.sum() == w["parameters"]
 
 
 def test_training_notebook(phantom_run):
     out, r = phantom_run
     w = json.loads((out / "04_training.json").read_text())
-    assert w["backend"] == "tensorflow" and w["precision"] == "float32" and w["epochs_run"] == 2
-    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 4
+    assert w["backend"] == "tensorflow" and w["precision"] == "float32" and w["epochs_run"] == 2 and w["image_size"] == 72
+    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 31
     assert (out / "model" / "best.keras").exists() and (out / "training_history.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / "model" / "history.csv")) == 2
-    assert "epoch 2/2" in r.stdout  # per-epoch progress reaches the terminal
+    assert "epoch 2/2" in r.stdout and "interrupted in epoch 2" in r.stdout  # the resume demonstration ran
 
 
-def test_evaluation_notebook(phantom_run):
+def test_evaluation_and_bias_notebooks(phantom_run):
     out, _ = phantom_run
     m = json.loads((out / "metrics.json").read_text())
-    assert m["data"] == "phantom, 4 test images" and m["regression"]["n"] == 4
-    assert {"r2", "mae", "rmse", "median_ae", "within_6", "within_12", "within_24"} <= set(m["regression"])
-    assert set(m["stages"]) >= {"accuracy", "qwk", "recall", "precision", "confusion"}
+    assert m["data"] == "phantom, 31 test images" and m["regression"]["n"] == 31 and m["data_kind"] == "phantom"
+    assert set(m["regression_ci"]) == {"r2", "mae", "rmse", "within_12"}
+    assert m["regression_ci"]["mae"][0] <= m["regression"]["mae"] <= m["regression_ci"]["mae"][1]
+    assert set(m["stages"]) >= {"accuracy", "qwk", "recall", "precision", "confusion", "ci"}
     preds = pd.read_csv(out / "predictions.csv")
+    assert preds.split.value_counts().to_dict() == {"test": 31, "calib": 8, "valid": 4}
     test = preds[preds.split == "test"]
     assert m["regression"]["mae"] == pytest.approx((test.predicted - test.bone_age_months).abs().mean())
-    conformal = json.loads((out / "model" / "conformal.json").read_text())
-    assert conformal["coverage"] == 0.9 and conformal["n_valid"] == 4
-    for f in ["prediction_scatter.png", "residuals.png", "error_by_age_band.png", "confusion_matrix.png"]:
-        assert (out / f).stat().st_size > 5_000, f
+    assert m["conformal"]["calibrated_on"] == "calib" and m["conformal"]["n_calibration"] == 8
+    assert m["sex_bias"]["outcome"] in ("bias", "no bias", "inconclusive")
+    assert m["sex_bias"]["predictions"] == m["predictions"]  # the bias section belongs to these predictions
     results = (out / "results.md").read_text()
-    assert "this run (phantom, 4 test images)" in results and "reference (RSNA test set, published)" in results
+    assert "this run (phantom, 31 test images)" in results and "reference README (RSNA; split not stated)" in results
+    assert m["sex_bias"]["verdict"] in results and "Child recall" in results and "R² ≥ 0.92" in results
+    for f in ["prediction_scatter.png", "residuals.png", "error_by_age_band.png", "confusion_matrix.png", "sex_bias.png"]:
+        assert (out / f).stat().st_size > 5_000, f
 
 
-def test_bias_notebook(phantom_run):
+def test_gradcam_gate_and_inference_notebooks(phantom_run):
     out, _ = phantom_run
-    w = json.loads((out / "06_bias.json").read_text())
-    assert w["verdict"].startswith(("No sex bias", "Sex bias")) and (out / "sex_bias.png").exists()
-    m = json.loads((out / "metrics.json").read_text())
-    assert m["sex_bias"]["verdict"] == w["verdict"] and w["verdict"] in (out / "results.md").read_text()
-
-
-def test_gradcam_notebook(phantom_run):
-    out, _ = phantom_run
-    w = json.loads((out / "07_gradcam.json").read_text())
-    assert w["layer"] == "block14_sepconv2_act" and len(w["figures"]) == 4
-    assert all((out / f).exists() for f in w["figures"])
-    loc = w["localisation"]
-    assert loc["n_images"] == 4 and loc["maximum"] > 1 and loc["trained"] >= 0 and loc["untrained"] >= 0
-
-
-def test_inference_notebook(phantom_run):
-    out, _ = phantom_run
-    w = json.loads((out / "08_inference.json").read_text())
-    assert w["n_test"] == 4 and (out / "inference_inputs.png").stat().st_size > 10_000
+    g = json.loads((out / "07_gradcam.json").read_text())
+    assert g["layer"] == "block14_sepconv2_act" and len(g["figures"]) == 4 and all((out / f).exists() for f in g["figures"])
+    assert g["localisation"]["n_images"] == 31 and g["localisation"]["maximum"] > 1
+    gate = json.loads((out / "07a_gate.json").read_text())
+    assert gate["quantile"] == 0.99 and gate["threshold"] > 0
     info = json.loads((out / "model" / "bundle.json").read_text())
-    assert info["format"] == "boneage-bundle/1" and info["dataset"]["kind"] == "phantom"
-    assert info["preprocessing"]["image_size"] == 72 and info["stages"]["edges_years"] == [10, 18]
+    assert info["gate"]["n_threshold"] == 4 and info["gate"]["n_fit"] == 17 and (out / "model" / "gate.npz").exists()
+    w = json.loads((out / "08_inference.json").read_text())
+    assert w["n_test"] == 31 and info["dataset"]["kind"] == "phantom" and info["stages"]["edges_years"] == [10, 18]
     assert info["onnx"]["max_abs_diff_months"] < 0.01 and (out / "model" / "model.onnx").stat().st_size > 1e6
-    assert "conformal" in info and info["test_metrics"]["n"] == 4
 
 
-def test_rerun_reuses_phantom_and_cache(phantom_run, tmp_path):
+def test_rerun_reuses_phantom_cache_and_model(phantom_run):
     out, _ = phantom_run
-    before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy")]}
-    r = boneage_run(out, *TINY, "--only", "02")
+    before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy"),
+                                                out / "model" / "best.keras"]}
+    r = boneage_run(out, *TINY, "--only", "02", "04")
     assert r.returncode == 0, r.stderr[-2000:]
-    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert "training already finished" in r.stdout and {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def run_from_nbs(nbs, name, timeout=900):
+    "Execute nbs/name.ipynb in its own folder with its own defaults (no injected parameters), as JupyterLab's Run All does."
+    from nbclient import NotebookClient
+    nb = nbformat.read(nbs / f"{name}.ipynb", as_version=4)
+    client = NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(nbs)}})
+    try: client.execute(); return nb, None
+    except Exception as e: return nb, e
+
+
+def test_notebooks_after_training_run_from_nbs_with_their_defaults(phantom_run, tmp_path):
+    "A student's layout: nbs/ beside the course's output folder, as `boneage run` left it; each notebook runs as it is."
+    out, _ = phantom_run
+    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
+    shutil.copytree(out, tmp_path / "Bone_age_prediction", symlinks=True)
+    shutil.rmtree(tmp_path / "Bone_age_prediction" / "notebooks")
+    for name in ["05_evaluation", "06_bias", "07_gradcam", "07a_gate", "08_inference", "08a_batch", "10_app", "11_archive"]:
+        nb, e = run_from_nbs(tmp_path / "nbs", name)
+        assert e is None, f"{name}: {str(e)[-1500:]}"
+    assert json.loads((tmp_path / "Bone_age_prediction" / "08_inference.json").read_text())["n_test"] == 31
+
+
+def test_a_notebook_opened_too_early_says_which_to_run_first(tmp_path):
+    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
+    for name, first in (("05_evaluation", "00_data"), ("02_preprocessing", "00_data")):
+        nb, e = run_from_nbs(tmp_path / "nbs", name)
+        (err,) = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+        assert err.ename == "MissingStepError" and len(err.traceback) == 1  # one line, no traceback from deep inside
+        assert err.traceback[0].endswith(f"split.csv: not found; run the data notebook ({first}) first")
+    boneage_run(tmp_path / "Bone_age_prediction", *TINY, "--only", "00", "02")  # the split and the cache, no model
+    nb, e = run_from_nbs(tmp_path / "nbs", "05_evaluation")
+    (err,) = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
+    assert err.traceback == [f"MissingStepError: {tmp_path}/Bone_age_prediction/model: no trained model yet; "
+                             "run the training notebook (04_training) first"]
+
+
+def test_an_interrupted_course_run_resumes_training(tmp_path):
+    out = tmp_path / "run"
+    args = [*TINY[:-2], "--epochs", "6", "--only", "00", "02", "04"]
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    p = subprocess.Popen([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out",
+                          str(out), "--no-progress", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                         start_new_session=True)
+    state = out / "model" / "checkpoint" / "state.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 2): time.sleep(0.2)
+    os.killpg(p.pid, signal.SIGKILL); p.wait()  # the whole run, kernel included
+    done = json.loads(state.read_text())["epoch"]
+    assert 2 <= done < 6
+    r = boneage_run(out, *args)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"epoch {done + 1}/6" in r.stdout and "epoch 1/6" not in r.stdout
+    assert pd.read_csv(out / "model" / "history.csv").epoch.tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def test_the_course_on_jax(tmp_path):
+    pytest.importorskip("jax")
+    r = boneage_run(tmp_path, "--n-images", "60", "--phantom-size", "128", "--image-size", "72", "--epochs", "1", backend="jax")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "04_training.json").read_text())["backend"] == "jax"
+    info = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    assert info["onnx"]["max_abs_diff_months"] < 0.01 and "gate" in info and "conformal" in info
 
 
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
     r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1",
-                    "--only", "00", "01", "02", "04", "05", "06", "07", "08")
+                    "--only", "00", "01", "02", "04", "05", "06", "07", "07a", "08")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
-    assert json.loads((tmp_path / "02_preprocessing.json").read_text())["n_cached"] == 40
+    assert json.loads((tmp_path / "02_preprocessing.json").read_text())["crop_check_rsna"]["n"] == 40
     assert json.loads((tmp_path / "01_phantom.json").read_text())["real_images_shown"] is True
     assert not (tmp_path / "phantom").exists()  # real data: no phantom generated
-    w = json.loads((tmp_path / "04_training.json").read_text())  # the real-image path end to end (no accuracy claim)
-    assert w["epochs_run"] == 1 and (tmp_path / "model" / "best.keras").exists()
+    assert json.loads((tmp_path / "04_training.json").read_text())["epochs_run"] == 1
     assert json.loads((tmp_path / "metrics.json").read_text())["data"] == "rsna-sample, 6 test images"
     info = json.loads((tmp_path / "model" / "bundle.json").read_text())
-    assert info["dataset"]["kind"] == "radiographs" and info["dataset"]["n_images"] == 40
-    assert json.loads((tmp_path / "08_inference.json").read_text())["n_test"] == 6
+    assert info["dataset"]["kind"] == "radiographs" and info["dataset"]["n_images"] == 40 and info["dataset"]["folder"] == "rsna-sample"
     g = json.loads((tmp_path / "07_gradcam.json").read_text())
     assert g["localisation"] == {} and len(g["figures"]) == 4  # real images: overlays only, no masks to score
 
@@ -163,10 +199,12 @@ def test_bad_data_dir_is_one_line(tmp_path, capsys):
     assert err.count("\n") == 0 and "data folder not found" in err
     (tmp_path / "d").mkdir(); (tmp_path / "d" / "labels.csv").write_text("id,age\n1,2\n")
     assert main(["run", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 1
-    assert "no png/jpg images" in capsys.readouterr().err
+    assert "no radiographs" in capsys.readouterr().err
     (tmp_path / "d" / "1.png").write_bytes(b"")  # an image file is there; the CSV is wrong
     assert main(["run", "--data-dir", str(tmp_path / "d"), "--out", str(tmp_path)]) == 1
     assert "no column for" in capsys.readouterr().err
+    assert main(["run", "--only", "99", "--out", str(tmp_path)]) == 1
+    assert "--only 99: no such course notebook" in capsys.readouterr().err
 
 
 def test_failing_notebook_stops_with_one_line_and_keeps_earlier_results(tmp_path, capsys):
@@ -176,16 +214,58 @@ def test_failing_notebook_stops_with_one_line_and_keeps_earlier_results(tmp_path
     bad = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("out_dir = ''", metadata={"tags": ["parameters"]}),
                                           nbformat.v4.new_code_cell("raise ValueError('boom')")])
     for nb in (good, bad): nb.metadata["kernelspec"] = {"name": "python3", "display_name": "python3", "language": "python"}
-    nbformat.write(good, nbs / "00_good.ipynb"); nbformat.write(bad, nbs / "01_bad.ipynb")
+    nbformat.write(good, nbs / "00_data.ipynb"); nbformat.write(bad, nbs / "01_bad.ipynb")
     assert main(["run", "--nbs-dir", str(nbs), "--out", str(tmp_path / "o"), "--no-progress"]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("boneage: 01_bad.ipynb failed in cell") and "ValueError: boom" in err and "\n" not in err
-    assert (tmp_path / "o" / "a.txt").read_text() == "x"
-    assert (tmp_path / "o" / "notebooks" / "01_bad.ipynb").exists()
+    assert (tmp_path / "o" / "a.txt").read_text() == "x" and (tmp_path / "o" / "notebooks" / "01_bad.ipynb").exists()
 
 
 def test_readme_is_rendered_from_index(tmp_path):
     dest = render_readme(dest=tmp_path / "README.md")
     assert dest.read_text() == (ROOT / "README.md").read_text(), "README.md is stale: run `boneage readme`"
-    text = dest.read_text()
-    assert text.count("```sh") >= 2 and "boneage run" in text and "pytest" in text and "Halabi" in text
+    blocks = [b.split("```")[0].strip() for b in dest.read_text().split("```sh\n")[1:]]
+    assert blocks[0] == 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[course]" && boneage run'
+    assert blocks[1] == 'python3 -m venv .venv && . .venv/bin/activate && pip install -e ".[dev]" && pytest'
+    assert "Halabi" in dest.read_text()
+
+
+def test_every_notebook_links_its_rendered_page():
+    for nb_path in sorted((ROOT / "nbs").glob("*.ipynb")):
+        nb = nbformat.read(nb_path, as_version=4)
+        links = [c for c in nb.cells if "source-only" in c.metadata.get("tags", [])]
+        assert len(links) == 1 and f"/{nb_path.stem}.html" in links[0].source, nb_path.name
+
+
+def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course, tmp_path):
+    "EfficientNet with the crop and CLAHE: through Grad-CAM and the gate; `boneage predict` repeats the record exactly."
+    import csv
+    r = boneage_run(tmp_path, *TINY, "--backbone", "EfficientNetB0", "--crop", "--clahe", "--epochs", "1",
+                    "--only", "00", "02", "04", "05", "07", "07a", "08")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    info = json.loads((tmp_path / "model" / "bundle.json").read_text())
+    assert info["training"]["backbone"] == "EfficientNetB0" and info["preprocessing"]["crop"] and info["preprocessing"]["clahe"]
+    assert json.loads((tmp_path / "07_gradcam.json").read_text())["layer"] == "top_activation"
+    test = pd.read_csv(tmp_path / "predictions.csv").query("split == 'test'").head(6)
+    split = pd.read_csv(tmp_path / "split.csv").set_index("id")
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("path,sex\n" + "".join(f"{tmp_path / split.path[i]},{'M' if m else 'F'}\n" for i, m in zip(test.id, test.male)))
+    p = subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict", "--no-progress",
+                        "--manifest", manifest, "--model", tmp_path / "model", "--format", "csv", "--out", tmp_path / "p.csv",
+                        "--explain", tmp_path / "cams", "--no-gate"], capture_output=True, text=True)
+    assert p.returncode in (0, 1), p.stderr[-2000:]
+    got = [float(row["bone_age_months"]) for row in csv.DictReader(open(tmp_path / "p.csv"))]
+    np.testing.assert_allclose(got, test.predicted, atol=0.06)  # from files, cropped and equalised as in training
+    assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 6
+
+
+def test_the_approach_comparison_runs_by_name(tiny_course, tmp_path):
+    out, _ = tiny_course
+    course = tmp_path / "course"; shutil.copytree(out, course, symlinks=True)
+    r = boneage_run(course, *TINY[:-2], "--epochs", "1", "--only", "approaches")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    from boneage.approaches import VARIANTS
+    results = json.loads((course / "approaches.json").read_text())["results"]
+    assert [x["approach"] for x in results] == list(VARIANTS) and all(x["epochs_run"] == 1 for x in results)
+    md = (course / "approaches.md").read_text()
+    assert "| Xception + ROI crop | " in md and "| EfficientNet-B4, frozen backbone ¹ |" in md and "random weights, 1 epoch each" in md

@@ -7,7 +7,8 @@ import pytest
 from boneage.data import load_dataset
 from boneage.phantom import (CARPAL, EPIPHYSIS, GROWTH_PLATE, HAND, BONE, age_region_mask, carpal_centres,
                              count_carpal_centres, epiphysis_stage, growth_plate_mask, make_phantom_dataset,
-                             open_growth_plates, phantom_radiograph, read_mask, sample_rsna_like, RSNA_MALE_FRACTION)
+                             open_growth_plates, phantom_radiograph, phantom_recipe, read_mask, sample_rsna_like,
+                             RSNA_MALE_FRACTION)
 
 
 def test_deterministic_per_seed():
@@ -102,6 +103,32 @@ def test_dataset_layout_and_reuse(tmp_path):
     e = make_phantom_dataset(tmp_path / "ph2", n=10, size=96, seed=1, progress=False, n_jobs=2)
     f = make_phantom_dataset(tmp_path / "ph3", n=10, size=96, seed=1, progress=False, n_jobs=1)
     assert (e / "images" / "7.png").read_bytes() == (f / "images" / "7.png").read_bytes()
+
+
+def _fail_drawing(args): raise RuntimeError("killed while drawing")
+
+
+def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monkeypatch):
+    from boneage import phantom
+    d = make_phantom_dataset(tmp_path / "ph", n=6, size=64, seed=1, progress=False, n_jobs=1)
+    monkeypatch.setattr(phantom, "_write_one", _fail_drawing)
+    with pytest.raises(RuntimeError):
+        make_phantom_dataset(d, n=8, size=64, seed=1, progress=False, n_jobs=1)
+    assert len(pd.read_csv(d / "labels.csv")) == 6 and len(list((d / "images").glob("*.png"))) == 6  # the old one, whole
+    monkeypatch.undo()
+    make_phantom_dataset(d, n=8, size=64, seed=1, progress=False, n_jobs=1)
+    assert len(list((d / "images").glob("*.png"))) == 8 and not [p for p in tmp_path.iterdir() if p.name.startswith(".ph")]
+
+
+def test_drawing_code_is_part_of_the_recipe(tmp_path, monkeypatch):
+    from boneage import phantom
+    d = make_phantom_dataset(tmp_path / "ph", n=4, size=64, seed=1, progress=False, n_jobs=1)
+    assert phantom_recipe(d)["code"] == phantom._code_fingerprint()
+    monkeypatch.setattr(phantom, "_code_fingerprint", lambda: "edited")
+    mtime = (d / "labels.csv").stat().st_mtime_ns
+    make_phantom_dataset(d, n=4, size=64, seed=1, progress=False, n_jobs=1)
+    assert phantom_recipe(d)["code"] == "edited" and (d / "labels.csv").stat().st_mtime_ns != mtime  # drawn anew
+    assert phantom_recipe(d / "images" / "1.png") == phantom_recipe(d) and phantom_recipe(tmp_path) is None
 
 
 def test_given_ages(tmp_path):

@@ -1,0 +1,69 @@
+"""The benchmark scripts run (on tiny settings): their figures come from `bench/`, so the scripts must work."""
+import json, os, subprocess, sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script, *args, **env):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], capture_output=True, text=True,
+                       env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", **env}, timeout=900)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def test_data_throughput():
+    out = bench("data_throughput.py", "--n-phantom", 16, "--phantom-size", 96, "--image-size", 64)
+    assert out["phantom_images_per_s"] > 0 and out["cache_build_phantom_n"] == 16
+
+
+def test_train_throughput_and_the_pipeline():
+    out = bench("train_throughput.py", "--size", 64, "--batch", 4, "--steps", 1, "--warmup", 1, "--pipeline")
+    impls = [r["impl"] for r in out["rows"]]
+    assert impls[0] == "keras-tensorflow" and any("worker threads" in i for i in impls)
+    assert all(r["train_img_s"] > 0 for r in out["rows"])
+
+
+def test_gpu_train_runs_the_real_training_on_a_cpu(tmp_path):
+    out = bench("gpu_train.py", "--size", 64, "--batch", 4, "--train-batches", 2, "--epochs", 1, "--precision", "float32",
+                "--workers", 1, "--out", tmp_path)
+    assert out["n_train"] == 8 and out["epochs"] == 1 and out["bundle_dtype"] == "float32"
+
+
+def test_predict_speed(bundle_dir, rsna_sample):
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "predict.py"), "--bundle", bundle_dir, "--batch", "4",
+                        "--passes", "1", "--repeats", "1", "--backends", "onnx", "onnx-int8"], capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "cold start" in r.stdout and "onnx-int8 warm, batch 4" in r.stdout  # an int8 copy made for the run
+    assert not (Path(bundle_dir) / "model-int8.onnx").exists()  # in a temporary copy: the bundle is left as it was
+
+
+def test_archive_speed(bundle_dir, trained_phantom):
+    pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
+    _, _, data, _ = trained_phantom
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "archive.py"), "--images", data / "images", "--bundle", bundle_dir,
+                        "--copies", "2", "--actors", "1"], capture_output=True, text=True, timeout=900,
+                       env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    table = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| boneage") or line.startswith("| predict")]
+    assert [t[0].strip() for t in table] == ["boneage predict", "predict-archive, 1 actor"]
+    assert all(float(t[4]) > 0 for t in table) and table[0][5].strip() == "1.00×"
+
+
+def test_scale_rehearsal_counts_what_each_notebook_opens(tmp_path):
+    out = bench("scale.py", "--n", 24, "--phantom-size", 96, "--image-size", 64, "--out", tmp_path, "--only", "00", "02")
+    rows = {r["notebook"]: r for r in out["rows"]}
+    assert out["exit_code"] == 0 and set(rows) == {"00_data", "02_preprocessing"}
+    assert rows["02_preprocessing"]["images_opened"] >= 24 and rows["00_data"]["peak_rss_gib"] > 0  # 02 builds the cache
+
+
+def test_input_gate_report(bundle_dir, tmp_path):
+    out = bench("input_gate.py", "--model", bundle_dir, "--out", tmp_path)
+    s = out["summary"]
+    assert s["tracebacks"] == 0 and s["batch aborts"] == 0 and s["rows"] == s["files"]
+    by = {t["class"]: t for t in out["table"]}
+    assert by["damaged: text named .png"]["errors"] == 20 and by["not a radiograph: 8×8 icon"]["rejected by a rule"] == 20
+    assert by["radiograph, 8-bit PNG"]["predicted"] == by["radiograph, 8-bit PNG"]["files"]
