@@ -1,12 +1,15 @@
-"""Prediction speed end to end (decode included): cold start and warm images/s, ONNX Runtime vs Keras.
+"""Prediction speed end to end (decode included): cold start and warm images/s, ONNX Runtime (float32, int8) vs Keras.
 
     python bench/predict.py                      # the 40 real radiographs beside the repository, 256², batch 1 and 8
+    python bench/predict.py --backends onnx onnx-int8 --batch 8 --repeats 1
     python bench/predict.py --images DIR --bundle Bone_age_prediction/model
 
 Cold start is a fresh `boneage predict IMAGE` process, from launch to its exit after printing the one result.
 Warm is a loaded `Predictor` running `predict_many` over the images (read, letterbox, scale, model) after one
 warm-up pass. Without --bundle, an untrained Xception bundle at --size is built and exported to ONNX in a temporary
-folder: speed does not depend on the weights.
+folder: speed does not depend on the weights. For `onnx-int8` on a bundle without an int8 copy, one is made in a
+temporary copy of the bundle, calibrated on the first 16 benchmark images (speed, not accuracy: the inference
+notebook measures what int8 costs in accuracy on the test split).
 """
 import argparse, os, statistics, subprocess, sys, tempfile, time
 from pathlib import Path
@@ -16,19 +19,32 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 def make_bundle(folder, size):
     "An untrained `size`² Xception saved as a bundle with an ONNX copy."
-    import numpy as np
-    from boneage.inference import export_onnx, load_bundle
+    import keras
+    from boneage.bundle import MODEL_FILE, load_bundle, start_bundle
+    from boneage.inference import export_onnx
     from boneage.model import build_model
-    from boneage.preprocess import BUNDLE_FORMAT, preprocessing_spec
-    from boneage.train import write_bundle_info
-    model = build_model(size, weights=None)
-    model.predict({"image": np.zeros((1, size, size, 3), "float32"), "male": np.zeros((1, 1), "float32")}, verbose=0)
+    from boneage.preprocess import preprocessing_spec
     folder.mkdir(parents=True, exist_ok=True)
-    model.save(folder / "best.keras")
-    write_bundle_info(folder, format=BUNDLE_FORMAT, model_file="best.keras", preprocessing=preprocessing_spec(size),
-                      dataset={"kind": "none", "n_images": 0}, package_version="bench")
+    build_model(size, weights=None).save(folder / MODEL_FILE)
+    start_bundle(folder, preprocessing_spec(size), {"kind": "none", "n_images": 0}, {"backbone": "Xception"}, "bench", keras.__version__)
     export_onnx(load_bundle(folder))
     return folder
+
+
+def with_int8(bundle, images, folder):
+    "A copy of `bundle` with an int8 ONNX copy calibrated on `images`."
+    import shutil
+    import numpy as np
+    from boneage.bundle import load_bundle
+    from boneage.inference import quantize_onnx
+    from boneage.preprocess import xception_scale
+    from boneage.reading import read_image
+    copy = folder / "bundle-int8"
+    shutil.copytree(bundle, copy)
+    b = load_bundle(copy)
+    calib = xception_scale(np.stack([b.prepare(read_image(p).pixels) for p in images[:16]]))
+    quantize_onnx(b, calib, np.ones(len(calib), np.float32))
+    return copy
 
 
 def cold_start(image, bundle, backend, repeats):
@@ -46,7 +62,7 @@ def cold_start(image, bundle, backend, repeats):
 def warm(images, bundle, backend, batch, passes):
     from boneage.inference import Predictor
     p = Predictor(bundle, backend, batch_size=batch)
-    items = [(str(i), True, None) for i in images]
+    items = [(str(i), True) for i in images]
     list(p.predict_many(items))  # warm-up: first-call allocations, file cache
     t0 = time.perf_counter()
     for _ in range(passes): n = sum(1 for _ in p.predict_many(items))
@@ -56,13 +72,14 @@ def warm(images, bundle, backend, batch, passes):
 def network_only(bundle, backend, batch, steps=5):
     "Images/s of the network alone on a prepared random batch: what decoding and resizing cost is the difference."
     import numpy as np
-    from boneage.inference import KerasRunner, OnnxRunner, _check_batch, load_bundle
+    from boneage.bundle import load_bundle
+    from boneage.inference import KerasRunner, OnnxRunner, _check_batch
     b = load_bundle(bundle)
-    run = OnnxRunner(b.onnx_path) if backend == "onnx" else KerasRunner(b)
-    x = _check_batch(b.image_size, batch)
-    run(x["image"], x["male"])
+    run = KerasRunner(b) if backend == "keras" else OnnxRunner(b.onnx_file("onnx_int8" if backend == "onnx-int8" else "onnx"))
+    image, male = _check_batch(b.image_size, batch)
+    run(image, male)
     t0 = time.perf_counter()
-    for _ in range(steps): run(x["image"], x["male"])
+    for _ in range(steps): run(image, male)
     return steps * batch / (time.perf_counter() - t0)
 
 
@@ -74,7 +91,7 @@ def main():
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="cold starts per backend (median reported)")
-    ap.add_argument("--backends", nargs="+", default=["onnx", "keras"])
+    ap.add_argument("--backends", nargs="+", default=["onnx", "onnx-int8", "keras"], choices=["onnx", "onnx-int8", "keras"])
     args = ap.parse_args()
     if args.images: folder = Path(args.images)
     else:
@@ -82,16 +99,21 @@ def main():
         folder = find_rsna_sample()
         if folder is None: sys.exit("no --images and no shared RSNA sample beside the repository")
         folder = folder / "images"
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".dcm"))
+    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp) / "bundle", args.size)
         print(f"{len(images)} images from {folder}; bundle {bundle}; {os.cpu_count()} CPUs")
+        from boneage.bundle import load_bundle
+        int8_bundle = bundle
+        if "onnx-int8" in args.backends and load_bundle(bundle).onnx_file("onnx_int8") is None:
+            int8_bundle = with_int8(bundle, images, Path(tmp))
         for backend in args.backends:
-            print(f"{backend:5s} cold start (process start → first result): {cold_start(images[0], bundle, backend, args.repeats):.2f} s",
-                  flush=True)
+            bundle_here = int8_bundle if backend == "onnx-int8" else bundle
+            print(f"{backend:9s} cold start (process start → first result): "
+                  f"{cold_start(images[0], bundle_here, backend, args.repeats):.2f} s", flush=True)
             for b in args.batch:
-                print(f"{backend:5s} warm, batch {b}: {warm(images, bundle, backend, b, args.passes):.1f} images/s "
-                      f"(decode included); network alone {network_only(bundle, backend, b):.1f} images/s", flush=True)
+                print(f"{backend:9s} warm, batch {b}: {warm(images, bundle_here, backend, b, args.passes):.1f} images/s "
+                      f"(decode included); network alone {network_only(bundle_here, backend, b):.1f} images/s", flush=True)
 
 
 if __name__ == "__main__":

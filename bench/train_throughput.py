@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 
-def keras_rates(size, batch, precision, steps, warmup, backbone, lr_scale):
+def keras_rates(size, batch, precision, steps, warmup, backbone, lr_scale, predict=True):
     import keras, numpy as np
     from boneage.model import build_model
     keras.mixed_precision.set_dtype_policy(precision)
@@ -32,6 +32,9 @@ def keras_rates(size, batch, precision, steps, warmup, backbone, lr_scale):
     for _ in range(steps): loss = model.train_on_batch(x, y)
     float(np.asarray(loss).ravel()[0])  # wait for the device
     train = steps * batch / (time.perf_counter() - t)
+    if not predict:
+        keras.mixed_precision.set_dtype_policy("float32")
+        return {"train_img_s": train, "warmup_s": compile_s}
     for _ in range(2): model.predict_on_batch(x)
     t = time.perf_counter()
     for _ in range(steps): out = model.predict_on_batch(x)
@@ -64,13 +67,19 @@ def timm_rates(size, batch, steps, warmup):
     return {"train_img_s": steps * batch / (time.perf_counter() - t)}
 
 
-def pipeline_rate(size, batch, n=512):
+def pipeline_rate(size, batch, workers=0, batches=24):
+    "Images/s the training batches come out at (augmented, scaled) from a uint8 cache, made by `workers` threads."
+    from concurrent.futures import ThreadPoolExecutor
     import numpy as np
     from boneage.train import BoneAgeBatches
+    n = batches * batch
     cache = np.random.default_rng(0).integers(0, 255, (n, size, size), dtype=np.uint8)
     data = BoneAgeBatches(cache, np.zeros(n), np.zeros(n), batch_size=batch, shuffle=True, augment=True)
-    t = time.perf_counter(); seen = 0
-    for b in range(len(data)): seen += len(data[b][1])
+    data[0]  # warm-up: first-call allocations
+    t = time.perf_counter()
+    if workers:  # what keras.utils.PyDataset(workers=...) does: threads fetch the batches ahead of the model
+        with ThreadPoolExecutor(workers) as pool: seen = sum(len(y) for _, y in pool.map(data.__getitem__, range(len(data))))
+    else: seen = sum(len(data[b][1]) for b in range(len(data)))
     return seen / (time.perf_counter() - t)
 
 
@@ -85,22 +94,27 @@ def main():
     ap.add_argument("--lr-scale", action="store_true", help="scale the learning rate with the batch (1e-3 at batch 4)")
     ap.add_argument("--timm", action="store_true", help="also time timm legacy_xception (PyTorch eager AMP)")
     ap.add_argument("--pipeline", action="store_true", help="also time the augmented input pipeline from a uint8 cache")
+    ap.add_argument("--pipeline-only", action="store_true", help="time only the input pipeline (no model)")
+    ap.add_argument("--no-predict", action="store_true", help="time training only (saves a compile per batch size)")
     args = ap.parse_args()
     import keras
     from boneage.train import choose_precision
     precision = choose_precision(args.precision)
     rows = []
+    args.pipeline |= args.pipeline_only
     for b in args.batch:
-        r = keras_rates(args.size, b, precision, args.steps, args.warmup, args.backbone, args.lr_scale)
-        rows.append({"impl": f"keras-{keras.backend.backend()}", "precision": precision, "batch": b, **r})
-        print(rows[-1], flush=True)
+        if not args.pipeline_only:
+            r = keras_rates(args.size, b, precision, args.steps, args.warmup, args.backbone, args.lr_scale, not args.no_predict)
+            rows.append({"impl": f"keras-{keras.backend.backend()}", "precision": precision, "batch": b, **r})
+            print(rows[-1], flush=True)
         if args.timm:
             rows.append({"impl": "timm legacy_xception", "precision": "amp fp16", "batch": b,
                          **timm_rates(args.size, b, args.steps, args.warmup)})
             print(rows[-1], flush=True)
         if args.pipeline:
-            rows.append({"impl": "input pipeline (uint8 cache, augmented)", "batch": b, "train_img_s": pipeline_rate(args.size, b)})
-            print(rows[-1], flush=True)
+            for w in sorted({0, 1, 2, os.cpu_count() or 1}):
+                rows.append({"impl": f"input pipeline, {w} worker threads", "batch": b, "train_img_s": pipeline_rate(args.size, b, w)})
+                print(rows[-1], flush=True)
     print(f"\n{'implementation':42s} {'precision':15s} {'batch':>5s} {'train img/s':>12s} {'predict img/s':>14s}")
     for r in rows:
         pred = f"{r['predict_img_s']:14.1f}" if "predict_img_s" in r else f"{'':14s}"
