@@ -63,7 +63,9 @@ def gradcam(model, images, male, layer_name=None, batch_size=16):
         grads = gradient_of_sum(from_maps, maps, m)
         weights = grads.mean(axis=(1, 2))                              # importance of each feature map
         fmaps = np.asarray(keras.ops.convert_to_numpy(maps), np.float32)
-        cam = np.maximum(np.einsum("bhwc,bc->bhw", fmaps, weights), 0)  # positive evidence only
+        cam = np.einsum("bhwc,bc->bhw", fmaps, weights)
+        direction = np.where(cam.sum(axis=(1, 2), keepdims=True) < 0, np.float32(-1), np.float32(1))  # younger or older
+        cam = np.maximum(cam * direction, 0)
         cams.append(cam / (cam.max(axis=(1, 2), keepdims=True) + 1e-12))
         preds.append(np.asarray(keras.ops.convert_to_numpy(from_maps([maps, m], training=False)), np.float32)[:, 0])
     return np.concatenate(cams), np.concatenate(preds)
