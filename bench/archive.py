@@ -38,6 +38,7 @@ def timed(cmd):
 
 def commands(how, src, out, bundle, backend):
     if how == "plain":
+        out.mkdir(parents=True, exist_ok=True)  # `boneage predict --out` writes into an existing folder
         return CLI + ["predict", src, "--sex", "M", "--model", bundle, "--backend", backend, "--format", "jsonl",
                       "--out", out / "rows.jsonl", "--no-progress"]
     return CLI + ["predict-archive", src, "--sex", "M", "--model", bundle, "--backend", backend, "--out",
