@@ -48,7 +48,10 @@ def main():
         v = np.array([get(runs[s]) for s in seeds], float)
         rows.append({"metric": name, **{f"seed {s}": fmt.format(x) for s, x in zip(seeds, v)},
                      "range": f"{fmt.format(v.min())} to {fmt.format(v.max())}", "sd": fmt.format(v.std(ddof=1)).lstrip("+")})
-    verdicts = {f"seed {s}": runs[s]["sex_bias"]["outcome"] for s in seeds}
+    def verdict(m):
+        outcome, gap = m["sex_bias"]["outcome"], m["sex_bias"]["gaps"]["mae"]["male_minus_female"]
+        return f"{outcome} (worse for {'boys' if gap > 0 else 'girls'})" if outcome == "bias" else outcome
+    verdicts = {f"seed {s}": verdict(runs[s]) for s in seeds}
     cols = list(rows[0])
     md = ["# Spread over seeds", "",
           f"The course's default run repeated with {len(seeds)} seeds ({', '.join(map(str, seeds))}): each seed draws other phantoms, "
@@ -56,7 +59,8 @@ def main():
           f"{runs[seeds[0]]['data']} per run. A difference between two runs smaller than this spread is noise.", "",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     md += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
-    md += ["", "Sex-bias verdicts: " + ", ".join(f"{k}: {v}" for k, v in verdicts.items()) + "."]
+    md += ["", "Sex-bias verdicts: " + ", ".join(f"{k}: {v}" for k, v in verdicts.items()) + ". A verdict that changes "
+           "direction with the seed is about this run's phantoms and split, not about the recipe."]
     print("\n".join(md))
     if args.write:
         Path(args.write, "seed_spread.md").write_text("\n".join(md) + "\n")
