@@ -71,7 +71,8 @@ def main():
         rows = {}
         for how in ["plain", *args.actors]:
             t = [timed(commands(how, src, tmp / f"out-{how}-{i}", bundle, args.backend)) for i, src in enumerate((one, many))]
-            rows[how] = {"whole": nn / t[1], "marginal": (nn - n1) / (t[1] - t[0]), "seconds": t}
+            # with few images the start-up's own variation can exceed what the extra images cost: no marginal rate then
+            rows[how] = {"whole": nn / t[1], "marginal": (nn - n1) / (t[1] - t[0]) if t[1] > t[0] else float("nan"), "seconds": t}
         name = lambda how: "boneage predict" if how == "plain" else f"predict-archive, {how} actor{'s' * (how != 1)}"
         print(f"\n| command | {n1} images (s) | {nn} images (s) | whole run img/s | marginal img/s | ratio to plain (marginal) |")
         print("|---|---:|---:|---:|---:|---:|")

@@ -50,7 +50,8 @@ def test_archive_speed(bundle_dir, trained_phantom):
     assert r.returncode == 0, r.stderr[-2000:]
     table = [line.split("|")[1:-1] for line in r.stdout.splitlines() if line.startswith("| boneage") or line.startswith("| predict")]
     assert [t[0].strip() for t in table] == ["boneage predict", "predict-archive, 1 actor"]
-    assert all(float(t[4]) > 0 for t in table) and table[0][5].strip() == "1.00×"
+    assert all(float(t[3]) > 0 for t in table)  # whole-run rates; the marginal ones need more images than a test has
+    assert all(float(t[4]) > 0 or t[4].strip() == "nan" for t in table) and table[0][5].strip() in ("1.00×", "nan×")
 
 
 def test_scale_rehearsal_counts_what_each_notebook_opens(tmp_path):
