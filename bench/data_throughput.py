@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from boneage.data import find_rsna_sample, load_dataset
-from boneage.phantom import make_phantom_dataset
+from boneage.phantom_dataset import make_phantom_dataset
 from boneage.preprocess import build_cache
 from boneage.train import BoneAgeBatches
 

@@ -25,7 +25,7 @@ def main():
     args = ap.parse_args()
     import keras
     from boneage.data import load_dataset, split_dataset
-    from boneage.phantom import make_phantom_dataset
+    from boneage.phantom_dataset import make_phantom_dataset
     from boneage.preprocess import build_cache, preprocessing_spec
     from boneage.train import TrainConfig, gpu_available, train
     n_train = args.train_batches * args.batch

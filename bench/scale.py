@@ -31,7 +31,7 @@ def make_data(root, n, size, seed=0):
     "An RSNA-layout folder of `n` phantoms: the Kaggle file names, the official ages and sexes when available."
     import numpy as np
     from boneage.data import find_shared_data, read_labels
-    from boneage.phantom import make_phantom_dataset, sample_rsna_like
+    from boneage.phantom_dataset import make_phantom_dataset, sample_rsna_like
     from boneage.clinical import parse_sex
     shared = find_shared_data()
     if shared is not None and (shared / "boneage-training-dataset.csv").is_file() and n <= 12611:

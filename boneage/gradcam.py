@@ -112,7 +112,8 @@ def explain(bundle, source, male, path):
 # %% ../nbs/07_gradcam.ipynb
 def phantom_masks(data_dir, ids, size):
     "Age-region and hand masks of phantom images `ids`, letterboxed to the model size like the images."
-    from boneage.phantom import age_region_mask, hand_mask, read_mask
+    from boneage.phantom import age_region_mask, hand_mask
+    from boneage.phantom_dataset import read_mask
     from boneage.preprocess import letterbox
     ages, hands = [], []
     for i in ids:

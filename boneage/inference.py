@@ -21,7 +21,7 @@ import numpy as np
 from .bundle import BUNDLE_FILE, Bundle, BundleError, default_model_dir, load_bundle, write_bundle_info
 from .clinical import BoneAgeError, age_months_between, assessment, parse_age, parse_sex, prediction_interval, stage_name
 from .gate import check_radiograph, feature_scores, load_gate, looks_inverted
-from .phantom import phantom_folder
+from .phantom_dataset import phantom_folder
 from .preprocess import xception_scale
 from .reading import ImageError, read_array, read_image
 

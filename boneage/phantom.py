@@ -4,17 +4,13 @@
 
 # %% auto 0
 __all__ = ['FEMALE_MATURITY_FACTOR', 'CARPALS', 'CARPAL_GROWTH_MONTHS', 'EPIPHYSES', 'RAYS', 'FOREARM', 'JOINT_GAP', 'HAND',
-           'BONE', 'CARPAL', 'EPIPHYSIS', 'GROWTH_PLATE', 'AGE_REGIONS', 'RSNA_MALE_FRACTION', 'RSNA_AGE_COUNTS',
-           'PHANTOM_FILE', 'maturity_months', 'carpal_size', 'carpal_centres', 'EpiphysisStage', 'epiphysis_stage',
-           'hand_length_fraction', 'draw_long_bone', 'draw_hand', 'Nuisance', 'random_nuisance', 'acquire',
-           'phantom_radiograph', 'growth_plate_mask', 'age_region_mask', 'hand_mask', 'open_growth_plates',
-           'count_carpal_centres', 'sample_rsna_like', 'make_phantom_dataset', 'phantom_folder', 'phantom_recipe',
-           'read_mask', 'course_data_dir', 'plot_phantom_vs_real']
+           'BONE', 'CARPAL', 'EPIPHYSIS', 'GROWTH_PLATE', 'AGE_REGIONS', 'maturity_months', 'carpal_size',
+           'carpal_centres', 'EpiphysisStage', 'epiphysis_stage', 'hand_length_fraction', 'draw_long_bone', 'draw_hand',
+           'Nuisance', 'random_nuisance', 'acquire', 'phantom_radiograph', 'growth_plate_mask', 'age_region_mask',
+           'hand_mask', 'open_growth_plates', 'count_carpal_centres', 'plot_phantom_vs_real']
 
 # %% ../nbs/01_phantom.ipynb
-import hashlib, json, os, shutil, tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -277,103 +273,6 @@ def open_growth_plates(bone_age_months, male):
 def count_carpal_centres(mask):
     "Separate carpal ossification centres drawn in a phantom mask (touching bones count once)."
     return cv2.connectedComponents(((mask & CARPAL) > 0).astype(np.uint8))[0] - 1
-
-# %% ../nbs/01_phantom.ipynb
-RSNA_MALE_FRACTION = 6833 / 12611
-# RSNA training labels per 12-month bin of bone age, 0-12, 12-24, ... 228-240 months
-RSNA_AGE_COUNTS = {
-    True:  [6, 47, 82, 106, 185, 188, 288, 274, 304, 370, 442, 862, 767, 1317, 822, 364, 145, 187, 58, 19],
-    False: [7, 31, 93, 125, 119, 343, 451, 603, 592, 74, 768, 803, 633, 630, 180, 217, 64, 29, 16, 0],
-}
-
-def sample_rsna_like(n, seed=0):
-    "Draw `n` (bone_age_months, male) pairs distributed like the RSNA training labels."
-    rng = np.random.default_rng(seed)
-    male = rng.random(n) < RSNA_MALE_FRACTION
-    ages = np.empty(n)
-    for sex in (True, False):
-        p = np.array(RSNA_AGE_COUNTS[sex], float); p /= p.sum()
-        k = rng.choice(len(p), size=(male == sex).sum(), p=p)
-        ages[male == sex] = k * 12 + rng.uniform(0, 12, len(k))
-    return np.clip(np.round(ages), 1, 239).astype(int), male
-
-# %% ../nbs/01_phantom.ipynb
-PHANTOM_FILE = "phantom.json"
-
-def _code_fingerprint():
-    "A short hash of the exported phantom module's source: drawing code changes, fingerprint changes."
-    import importlib.util
-    return hashlib.sha1(Path(importlib.util.find_spec("boneage.phantom").origin).read_bytes()).hexdigest()[:12]
-
-def _write_one(args):
-    folder, id_, age, male, size, seed = args
-    img, mask = phantom_radiograph(age, male, size, seed)
-    cv2.imwrite(str(Path(folder) / "images" / f"{id_}.png"), img)
-    cv2.imwrite(str(Path(folder) / "masks" / f"{id_}.png"), mask)
-
-def _replace_folder(new, folder):
-    "Move `new` to `folder`; an existing `folder` is moved aside first and deleted only after the move."
-    old = folder.with_name(f".{folder.name}-old-{os.getpid()}") if folder.exists() else None
-    if old: folder.rename(old)
-    try: new.rename(folder)
-    except OSError:  # another process finished the same data set first: keep theirs
-        shutil.rmtree(new, ignore_errors=True)
-    if old: shutil.rmtree(old, ignore_errors=True)
-
-def make_phantom_dataset(folder, n=1000, size=512, seed=0, bone_age_months=None, male=None, n_jobs=None, progress=True):
-    "Write `n` phantom radiographs in RSNA layout to `folder`; reuse it when it was made with the same settings."
-    from concurrent.futures import ProcessPoolExecutor
-    from tqdm import tqdm
-    folder = Path(folder)
-    if bone_age_months is None:
-        bone_age_months, male = sample_rsna_like(n, seed)
-    bone_age_months = np.asarray(bone_age_months).astype(int); male = np.asarray(male).astype(bool)
-    n = len(bone_age_months)
-    ages_sha = hashlib.sha1(np.stack([bone_age_months, male]).astype(np.int64).tobytes()).hexdigest()[:12]
-    recipe = {"n": n, "size": size, "seed": seed, "ages_sha": ages_sha, "code": _code_fingerprint()}
-    if phantom_recipe(folder) == recipe: return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".phantom-", dir=folder.parent))
-    (tmp / "images").mkdir(); (tmp / "masks").mkdir()
-    ids = np.arange(1, n + 1)
-    jobs = [(str(tmp), i, a, m, size, seed * 1_000_003 + i) for i, a, m in zip(ids, bone_age_months, male)]
-    n_jobs = n_jobs or min(os.cpu_count() or 1, 8)
-    try:
-        with ProcessPoolExecutor(n_jobs) as pool:
-            list(tqdm(pool.map(_write_one, jobs, chunksize=16), total=n, desc="phantom", disable=not progress))
-    except BaseException:  # a failed or interrupted drawing leaves nothing half-made behind
-        shutil.rmtree(tmp, ignore_errors=True); raise
-    rows = "".join(f"{i},{a},{m}\n" for i, a, m in zip(ids, bone_age_months, male))
-    (tmp / "labels.csv").write_text("id,boneage,male\n" + rows)
-    (tmp / PHANTOM_FILE).write_text(json.dumps({"recipe": recipe, "generator": "boneage.phantom"}, indent=1))
-    _replace_folder(tmp, folder)
-    return folder
-
-# %% ../nbs/01_phantom.ipynb
-def phantom_folder(path):
-    "The phantom data set a folder or image file belongs to (it or its parent holds `phantom.json`), or None."
-    path = Path(path)
-    for f in (path, path.parent, path.parent.parent):
-        if (f / PHANTOM_FILE).is_file(): return f
-    return None
-
-def phantom_recipe(path):
-    "How the phantom data set holding `path` was made (its recipe), or None when `path` is not a phantom."
-    folder = phantom_folder(path)
-    if folder is None: return None
-    try: return json.loads((folder / PHANTOM_FILE).read_text()).get("recipe")
-    except (OSError, ValueError): return None
-
-def read_mask(folder, id_):
-    "The mask bit flags of phantom image `id_` in data set `folder`."
-    m = cv2.imread(str(Path(folder) / "masks" / f"{id_}.png"), cv2.IMREAD_UNCHANGED)
-    if m is None: raise FileNotFoundError(f"{id_}: no phantom mask in {Path(folder) / 'masks'}")
-    return m
-
-def course_data_dir(data_dir="", out_dir="../Bone_age_prediction", n_images=1000, phantom_size=512, seed=42):
-    "The course's data folder: `data_dir` itself, or (when empty) the phantom data set in `out_dir/phantom`, made on first use."
-    if data_dir: return Path(data_dir)
-    return make_phantom_dataset(Path(out_dir) / "phantom", n=n_images, size=phantom_size, seed=seed)
 
 # %% ../nbs/01_phantom.ipynb
 def plot_phantom_vs_real(real_dir=None, ages=(24, 60, 108, 156, 204), size=256, path=None):

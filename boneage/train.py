@@ -21,7 +21,7 @@ from . import __version__
 from .bundle import BUNDLE_FILE, MODEL_FILE, start_bundle
 from .data import atomic_write_text, split_fingerprint
 from .model import build_model
-from .phantom import phantom_folder, phantom_recipe
+from .phantom_dataset import phantom_folder, phantom_recipe
 from .preprocess import augment, build_cache, xception_scale
 
 # %% ../nbs/04_training.ipynb

@@ -33,7 +33,7 @@ TINY_CONFIG = dict(epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", h
 def trained_phantom(tmp_path_factory):
     "A model trained at tiny settings on phantoms (the course's settings for random weights), shared by tests."
     from boneage.data import load_dataset, split_dataset
-    from boneage.phantom import make_phantom_dataset
+    from boneage.phantom_dataset import make_phantom_dataset
     from boneage.preprocess import preprocessing_spec
     from boneage.train import TrainConfig, train
     tmp = tmp_path_factory.mktemp("trained")

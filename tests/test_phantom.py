@@ -6,9 +6,9 @@ import pytest
 
 from boneage.data import load_dataset
 from boneage.phantom import (CARPAL, EPIPHYSIS, GROWTH_PLATE, HAND, BONE, age_region_mask, carpal_centres,
-                             count_carpal_centres, epiphysis_stage, growth_plate_mask, make_phantom_dataset,
-                             open_growth_plates, phantom_radiograph, phantom_recipe, read_mask, sample_rsna_like,
-                             RSNA_MALE_FRACTION)
+                             count_carpal_centres, epiphysis_stage, growth_plate_mask, open_growth_plates,
+                             phantom_radiograph)
+from boneage.phantom_dataset import make_phantom_dataset, phantom_recipe, read_mask, sample_rsna_like, RSNA_MALE_FRACTION
 
 
 def test_deterministic_per_seed():
@@ -109,7 +109,7 @@ def _fail_drawing(args): raise RuntimeError("killed while drawing")
 
 
 def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monkeypatch):
-    from boneage import phantom
+    from boneage import phantom_dataset as phantom
     d = make_phantom_dataset(tmp_path / "ph", n=6, size=64, seed=1, progress=False, n_jobs=1)
     monkeypatch.setattr(phantom, "_write_one", _fail_drawing)
     with pytest.raises(RuntimeError):
@@ -121,7 +121,7 @@ def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monk
 
 
 def test_drawing_code_is_part_of_the_recipe(tmp_path, monkeypatch):
-    from boneage import phantom
+    from boneage import phantom_dataset as phantom
     d = make_phantom_dataset(tmp_path / "ph", n=4, size=64, seed=1, progress=False, n_jobs=1)
     assert phantom_recipe(d)["code"] == phantom._code_fingerprint()
     monkeypatch.setattr(phantom, "_code_fingerprint", lambda: "edited")

@@ -39,7 +39,7 @@ def run_train(out, data, epochs, kill_at=0, backend="tensorflow", **env):
 
 @pytest.fixture(scope="module")
 def tiny_phantom(tmp_path_factory):
-    from boneage.phantom import make_phantom_dataset
+    from boneage.phantom_dataset import make_phantom_dataset
     return make_phantom_dataset(tmp_path_factory.mktemp("ph") / "ph", n=40, size=96, seed=5, progress=False)
 
 
