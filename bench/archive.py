@@ -14,7 +14,7 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).parent))
-from predict import make_bundle  # noqa: E402
+from predict import benchmark_images, make_bundle  # noqa: E402
 
 CLI = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())"]
 
@@ -54,14 +54,7 @@ def main():
     ap.add_argument("--actors", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--backend", default="onnx", choices=["onnx", "onnx-int8"])
     args = ap.parse_args()
-    if args.images: folder = Path(args.images)
-    else:
-        from boneage.data import find_rsna_sample
-        folder = find_rsna_sample()
-        if folder is None: sys.exit("no --images and no shared RSNA sample beside the repository")
-        folder = folder / "images"
-    from boneage.batch import find_images
-    images = find_images(folder)
+    folder, images = benchmark_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         bundle = Path(args.bundle) if args.bundle else make_bundle(tmp / "bundle", args.size)

@@ -59,6 +59,17 @@ def cold_start(image, bundle, backend, repeats):
     return statistics.median(times)
 
 
+def benchmark_images(images_arg):
+    "The folder to measure on (`--images`, else the shared RSNA sample's images) and its radiographs, as `boneage predict` finds them."
+    from boneage.batch import find_images
+    if images_arg: folder = Path(images_arg)
+    else:
+        from boneage.data import find_rsna_sample
+        if find_rsna_sample() is None: sys.exit("no --images and no shared RSNA sample beside the repository")
+        folder = find_rsna_sample() / "images"
+    return folder, find_images(folder)
+
+
 def warm(images, bundle, backend, batch, passes):
     from boneage.inference import Predictor
     p = Predictor(bundle, backend, batch_size=batch)
@@ -93,13 +104,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="cold starts per backend (median reported)")
     ap.add_argument("--backends", nargs="+", default=["onnx", "onnx-int8", "keras"], choices=["onnx", "onnx-int8", "keras"])
     args = ap.parse_args()
-    if args.images: folder = Path(args.images)
-    else:
-        from boneage.data import find_rsna_sample
-        folder = find_rsna_sample()
-        if folder is None: sys.exit("no --images and no shared RSNA sample beside the repository")
-        folder = folder / "images"
-    images = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"))
+    folder, images = benchmark_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp) / "bundle", args.size)
         print(f"{len(images)} images from {folder}; bundle {bundle}; {os.cpu_count()} CPUs")

@@ -6,10 +6,9 @@
 __all__ = ['AGE_UNITS', 'STYLE', 'predict_uploads', 'provenance', 'render_page', 'render_results', 'create_app', 'serve']
 
 # %% ../nbs/10_app.ipynb
-import base64, csv, html, io, os, tempfile
+import base64, csv, html, io, tempfile
 from pathlib import Path
 
-from .clinical import BoneAgeError
 from .inference import PHANTOM_WARNING, FIELDS, Predictor, Request
 
 # %% ../nbs/10_app.ipynb
@@ -70,8 +69,8 @@ def render_page(prov, results=None):
     parts = ["<!doctype html><html lang='en'><head><meta charset='utf-8'><title>boneage</title>",
              f"<style>{STYLE}</style></head><body><h1>Bone age from a hand radiograph</h1>"]
     if prov["phantom_warning"]:
-        parts.append(f"<p class='banner' id='banner'>This model was trained on the synthetic phantom: its bone ages are a "
-                     f"pipeline check, not a clinical estimate.</p>")
+        parts.append("<p class='banner' id='banner'>This model was trained on the synthetic phantom: its bone ages are a "
+                     "pipeline check, not a clinical estimate.</p>")
     test = prov["test"]
     parts.append(f"<p class='prov' id='provenance'>Model: {_esc(prov['backbone'])} at {prov['image_size']}², trained on "
                  f"{_esc(prov['n_images'])} images ({_esc(prov['trained_on'])}); test MAE {_esc(round(test['mae'], 2) if 'mae' in test else None)} "

@@ -7,15 +7,14 @@ __all__ = ['VARIANTS', 'REFERENCE_APPROACHES', 'NEEDS_PRETRAINED', 'slug', 'vari
            'approaches_markdown', 'plot_approaches']
 
 # %% ../nbs/09_approaches.ipynb
-import json, re, time
+import re, time
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .evaluate import regression_cis, regression_metrics, stage_metrics
 from .preprocess import build_cache
-from .train import course_config, predict_split, train
+from .train import predict_split, train
 
 # %% ../nbs/09_approaches.ipynb
 VARIANTS = {
@@ -63,7 +62,7 @@ def run_variant(name, df, base_spec, base_config, out_dir, n_boot=1000, seed=0, 
 # %% ../nbs/09_approaches.ipynb
 def approaches_markdown(results, data_label, pretrained):
     "`approaches.md`: this run's R² and MAE (with 95% intervals) per approach beside the reference README's figures."
-    lines = [f"| approach | R² (this run) | MAE, months (this run, 95% CI) | reference R² | reference MAE | the reference's conclusion |",
+    lines = ["| approach | R² (this run) | MAE, months (this run, 95% CI) | reference R² | reference MAE | the reference's conclusion |",
              "|---|---|---|---|---|---|"]
     for r in results:
         ref = REFERENCE_APPROACHES[r["approach"]]

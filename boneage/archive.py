@@ -9,7 +9,7 @@ __all__ = ['done_sources', 'ArchivePredictor', 'predict_archive', 'read_archive'
 import os, time
 from pathlib import Path
 
-from .batch import collect_inputs
+from .batch import collect_inputs, flag_duplicate
 from .clinical import BoneAgeError
 from .inference import FIELDS, Predictor, Request
 
@@ -35,10 +35,7 @@ class ArchivePredictor:
                 for s, sex, age, row, dup in zip(batch["source"], batch["sex"], batch["chronological_age"], batch["row"], batch["duplicate_of"])]
         rows = []
         for req, r in zip(reqs, self.predictor.predict_many(reqs, threads=1)):
-            if req.duplicate_of:
-                r.reasons.append(f"the same file as manifest row {req.duplicate_of}")
-                if r.status == "ok": r.status = "warning"
-            rows.append(r.as_dict())
+            rows.append(flag_duplicate(req, r).as_dict())
         return {k: [row[k] for row in rows] for k in FIELDS}
 
 # %% ../nbs/11_archive.ipynb
@@ -78,7 +75,7 @@ def predict_archive(inputs=(), manifest=None, sex=None, chronological_age=None, 
     summary["seconds"] = round(time.time() - t0, 2)
     return summary
 
-def read_archive(out):
-    "The rows of a Parquet output folder as a DataFrame, in input order where it is known."
+def read_archive(out, columns=None):
+    "The rows of a Parquet output folder as a DataFrame, block by block (key them by `source`); `columns` reads only those."
     import pandas as pd
-    return pd.read_parquet(out)
+    return pd.read_parquet(out, columns=columns)

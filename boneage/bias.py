@@ -6,13 +6,10 @@
 __all__ = ['GAP_METRICS', 'errors_by_sex', 'sex_gaps', 'bias_outcome', 'bias_verdict', 'errors_by_band_and_sex', 'plot_bias']
 
 # %% ../nbs/06_bias.ipynb
-import json
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 
-from .evaluate import age_band, bootstrap_ci, write_results
+from .evaluate import age_band
 from .clinical import AGE_BANDS_YEARS
 
 # %% ../nbs/06_bias.ipynb

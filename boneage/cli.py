@@ -6,10 +6,10 @@
 __all__ = ['EXTRAS', 'RUN_PARAMS', 'positive_int', 'need', 'main']
 
 # %% ../nbs/91_cli.ipynb
-import argparse, importlib, sys, time
+import argparse, importlib.util, sys, time
 from pathlib import Path
 
-from .clinical import BoneAgeError
+from .clinical import BoneAgeError, parse_age, parse_sex
 
 # %% ../nbs/91_cli.ipynb
 def _checked(parse):
@@ -31,8 +31,9 @@ EXTRAS = {"course": ["papermill", "nbformat", "keras"], "docs": ["sphinx", "myst
           "app": ["fastapi", "uvicorn", "python_multipart"], "archive": ["ray", "pyarrow"]}
 
 def _missing(module):
-    try: importlib.import_module(module); return False
-    except ImportError: return True
+    # looked up, not imported: importing keras (and TensorFlow) here would cost seconds in a process that never uses it
+    try: return importlib.util.find_spec(module) is None
+    except (ImportError, ValueError): return True
 
 def need(extra):
     "Raise a one-line `BoneAgeError` naming the extra to install when a module it provides is missing."
@@ -86,8 +87,6 @@ def _predict_parser(sub):
     pr.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR")
     pr.add_argument("--batch-size", type=positive_int, default=8)
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-from .clinical import parse_age, parse_sex
 
 def _parser():
     p = argparse.ArgumentParser(prog="boneage", description="Bone age estimation from hand radiographs: the course and its tools.")
@@ -155,13 +154,14 @@ def main(argv=None):
         if args.command == "predict-archive":
             need("archive")
             from boneage.archive import predict_archive, read_archive
+            from boneage.inference import STATUSES
             s = predict_archive(args.inputs, args.manifest, args.sex, args.chronological_age, args.out, args.model, args.actors,
                                 args.threads_per_actor, args.rows_per_block, args.backend, args.gate, args.address, not args.no_progress)
             for w in s["warnings"]: print(f"warning: {w}", file=sys.stderr)
-            counts = read_archive(args.out).status.value_counts().to_dict()
+            counts = read_archive(args.out, columns=["status"]).status.value_counts().to_dict()
             print(f"{s['inputs']} inputs: {s['already_done']} already in {s['out']}, {s['predicted_now']} predicted now"
                   + (f" in {s['seconds']} s" if "seconds" in s else "") + "; rows: "
-                  + ", ".join(f"{counts.get(k, 0)} {k}" for k in ("ok", "warning", "rejected", "error")), file=sys.stderr)
+                  + ", ".join(f"{counts.get(k, 0)} {k}" for k in STATUSES), file=sys.stderr)
             return 0 if set(counts) <= {"ok"} else 1
         if args.command == "serve":
             need("app")

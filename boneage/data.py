@@ -53,7 +53,7 @@ def index_images(folder):
     if not folder.is_dir(): raise DataError(f"{folder}: image folder not found")
     found = {}
     for p in sorted(folder.iterdir()):
-        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.stem.isdigit():
+        if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and p.stem.isdecimal():
             found.setdefault(int(p.stem), p)
     return found
 
@@ -83,7 +83,7 @@ def check_labels(labels, images):
                for i, c, a, s in zip(labels["id"], ids, labels["bone_age_months"], labels["male"])]
     bad = pd.Series([r is not None for r in reasons], index=labels.index)
     problems = pd.DataFrame({"id": labels["id"][bad], "reason": [r for r in reasons if r is not None]})
-    unlabelled = [str(i) for i in sorted(set(images) - {int(i) for i in ids if i.isdigit()})]
+    unlabelled = [str(i) for i in sorted(set(images) - {int(i) for i in ids if i.isdecimal()})]
     problems = pd.concat([problems, pd.DataFrame({"id": unlabelled, "reason": "image without a label row"})], ignore_index=True)
     good = labels[~bad].copy()
     good["id"] = good["id"].astype(int)

@@ -7,7 +7,7 @@ __all__ = ['NOISE', 'COURSE_CAPTION', 'PROJECT_PAGES', 'RESULT_FIGURES', 'DocsEr
            'clean_for_site', 'copy_linked_files', 'toctree_cell', 'results_page', 'api_pages', 'build_site']
 
 # %% ../nbs/92_docs.ipynb
-import json, re, shutil, sys
+import json, re, shutil
 from pathlib import Path
 
 # %% ../nbs/92_docs.ipynb

@@ -17,7 +17,7 @@ import pandas as pd
 from sklearn import metrics as skm
 
 from .clinical import (AGE_BANDS_YEARS, STAGE_EDGES_YEARS, STAGES, age_band_index, band_labels,
-                              prediction_interval, stage_index)
+                              stage_index)
 
 # %% ../nbs/05_evaluation.ipynb
 def regression_metrics(y_true, y_pred):

@@ -8,7 +8,6 @@ __all__ = ['XRAY_MODALITIES', 'HAND_PARTS', 'LIMB_PARTS', 'MIN_SIDE', 'MAX_ASPEC
            'save_gate', 'load_gate', 'feature_model', 'cached_features']
 
 # %% ../nbs/07a_gate.ipynb
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 

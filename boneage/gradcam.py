@@ -7,7 +7,6 @@ __all__ = ['feature_layer', 'split_at', 'gradient_of_sum', 'gradcam', 'upsample'
            'phantom_masks', 'mean_localisation']
 
 # %% ../nbs/07_gradcam.ipynb
-import json
 from pathlib import Path
 
 import cv2
@@ -101,9 +100,8 @@ def plot_gradcam(image, cam, title, path=None):
 def explain(bundle, source, male, path):
     "Write a Grad-CAM overlay (radiograph, heat map, overlay) of one radiograph file to `path`; returns the path."
     import matplotlib.pyplot as plt
-    from boneage.preprocess import xception_scale
-    from boneage.reading import read_image
-    boxed = bundle.prepare(read_image(source, percentiles=tuple(bundle.spec["deep_window_percentiles"])).pixels)
+    from boneage.preprocess import load_radiograph, xception_scale
+    boxed = load_radiograph(source, bundle.spec)
     cams, preds = gradcam(bundle.keras_model(), xception_scale(boxed[None]), [float(male)])
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     plt.close(plot_gradcam(boxed, cams[0], f"{Path(source).name}: {preds[0]:.0f} months", path))

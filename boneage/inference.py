@@ -194,8 +194,7 @@ def read_input(req, percentiles):
         male = r.sex if req.male is None else parse_sex(req.male, where)
         if male is None: return fail(f"{where}: sex unknown: give it (--sex F|M or a manifest column); the file records none")
         age = None if req.chronological_age is None else parse_age(req.chronological_age, where)
-        if age is None and age_months_between(r.birth_date, r.study_date) is not None:
-            age = age_months_between(r.birth_date, r.study_date)
+        if age is None and (age := age_months_between(r.birth_date, r.study_date)) is not None:
             r.notes.append(f"chronological age {age:.0f} months from the DICOM birth and study dates")
     except BoneAgeError as e: return fail(str(e))
     except Exception as e: return fail(f"{where}: could not be read ({type(e).__name__}: {str(e)[:100]})")

@@ -9,7 +9,6 @@ __all__ = ['IMAGENET_NOTOP', 'RAW_255_BACKBONES', 'WeightsError', 'build_model',
 from pathlib import Path
 
 import keras
-import numpy as np
 
 # %% ../nbs/03_model.ipynb
 IMAGENET_NOTOP = {

@@ -8,7 +8,7 @@ __all__ = ['CLAHE', 'PREPROCESSING_FILE', 'CACHE_VERSION', 'letterbox', 'hand_bo
            'augment', 'cache_key', 'build_cache']
 
 # %% ../nbs/02_preprocessing.ipynb
-import hashlib, json, os, tempfile
+import hashlib, json, os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 

@@ -8,7 +8,7 @@ __all__ = ['IMAGE_SUFFIXES', 'MAX_PIXELS', 'DEEP_WINDOW_PERCENTILES', 'FORMATS',
            'read_image', 'read_array', 'write_dicom']
 
 # %% ../nbs/01a_reading.ipynb
-import io, math, warnings
+import io, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 

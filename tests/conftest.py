@@ -7,16 +7,24 @@ import pytest
 from boneage.data import find_shared_data
 
 ROOT = Path(__file__).resolve().parents[1]
+# Debian's Chromium, driven by Playwright (whose own browser download is not used)
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def need(condition, reason):
+    "What CI must have fails the test under CI=true; elsewhere the test is skipped with the reason."
+    if not condition:
+        if os.environ.get("CI") == "true": pytest.fail(f"CI=true: {reason}")
+        pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")
 def shared_data():
     "The shared RSNA files: required under CI=true, skipped with a reason elsewhere."
     path = find_shared_data()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail("CI=true but the shared RSNA data folder (../shared/data or $BONEAGE_SHARED_DATA) is missing")
-        pytest.skip("shared RSNA data not found (../shared/data beside the repository, or $BONEAGE_SHARED_DATA)")
+    need(path is not None, "shared RSNA data not found (../shared/data beside the repository, or $BONEAGE_SHARED_DATA)")
     return path
 
 

@@ -1,6 +1,5 @@
 """The web page and its API: the same results as `boneage predict`, safe by default, and in a real browser."""
 import base64, json, os, re, shutil, socket, subprocess, sys, tempfile, time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,10 +12,7 @@ from boneage.app import create_app, provenance, render_page
 from boneage.inference import Predictor
 from boneage.reading import write_dicom
 
-ROOT = Path(__file__).resolve().parents[1]
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
+from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need
 
 
 @pytest.fixture(scope="module")
@@ -96,9 +92,7 @@ def _free_port():
 
 
 def test_the_page_in_a_browser(bundle_dir, images, tmp_path):
-    if not CHROMIUM:
-        if os.environ.get("CI") == "true": pytest.fail("CI=true: Chromium not found (Debian package `chromium`)")
-        pytest.skip("Chromium not found (Debian package `chromium`)")
+    need(CHROMIUM, "Chromium not found (Debian package `chromium`)")
     playwright = pytest.importorskip("playwright.sync_api")
     test, d = images
     shutil.copy(test.path[0], tmp_path / "phantom.png")

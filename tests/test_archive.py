@@ -1,6 +1,5 @@
 """Archive prediction on Ray: the same rows as `boneage predict`, and a killed run resumed without redoing a row."""
-import json, os, shutil, signal, subprocess, sys, time
-from pathlib import Path
+import os, shutil, signal, subprocess, sys, time
 
 import pytest
 

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from boneage.batch import find_images, read_manifest, run_predictions
+from boneage.batch import find_images
 from boneage.reading import write_dicom
 
-ROOT = Path(__file__).resolve().parents[1]
+from conftest import ROOT
 
 
 def cli(*args, cwd=ROOT, **kw):

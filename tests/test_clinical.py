@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from boneage import clinical
-from boneage.clinical import (AGE_BANDS_YEARS, InputError, age_band_index, assessment, band_labels, parse_age, parse_sex,
+from boneage.clinical import (InputError, age_band_index, assessment, band_labels, parse_age, parse_sex,
                               prediction_interval, stage_index, stage_name)
 
 

@@ -1,23 +1,15 @@
 """The docs site, built here from a tiny course run into a temporary folder, opened page by page in a real browser."""
 import functools, http.server, importlib, os, re, shutil, threading
-from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import ROOT
+from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need as _need
 
-CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if Path("/usr/bin/chromium").exists() else None)
 CI = os.environ.get("CI") == "true"
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync"]
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
 
 
-def _need(condition, reason):
-    if not condition:
-        if CI: pytest.fail(f"CI=true: {reason}")
-        pytest.skip(reason)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-import json, os, subprocess, sys, textwrap
+import os, subprocess, sys, textwrap
 
 import numpy as np
 import pytest

@@ -1,6 +1,5 @@
 """Execute the course: headless as `boneage run` does, and from nbs/ with the notebooks' own defaults, as a student does."""
 import json, os, shutil, signal, subprocess, sys, time
-from pathlib import Path
 
 import nbformat
 import numpy as np

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from boneage.data import load_dataset
-from boneage.phantom import (CARPAL, EPIPHYSIS, GROWTH_PLATE, HAND, BONE, age_region_mask, carpal_centres,
+from boneage.phantom import (CARPAL, EPIPHYSIS, HAND, BONE, age_region_mask, carpal_centres,
                              count_carpal_centres, epiphysis_stage, growth_plate_mask, open_growth_plates,
                              phantom_radiograph)
 from boneage.phantom_dataset import make_phantom_dataset, phantom_recipe, read_mask, sample_rsna_like, RSNA_MALE_FRACTION

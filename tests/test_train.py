@@ -1,12 +1,12 @@
 """Training: resuming after a hard kill, the data fingerprint, mixed precision on both backends, and that it learns."""
-import json, os, shutil, subprocess, sys, textwrap
+import json, os, subprocess, sys, textwrap
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from conftest import TINY_CONFIG, complete_bundle
+from conftest import TINY_CONFIG
 from boneage import train as train_module
 from boneage.train import TrainConfig, choose_precision, precision_policy
 
