@@ -80,9 +80,17 @@ def warm(images, bundle, backend, batch, passes):
     return passes * n / (time.perf_counter() - t0)
 
 
+def reading_ms(images):
+    "Milliseconds to read one radiograph (decode and convert to 8-bit grey), on one thread: the part no batch shares."
+    from boneage.reading import read_image
+    read_image(images[0])
+    t0 = time.perf_counter()
+    for p in images: read_image(p)
+    return 1000 * (time.perf_counter() - t0) / len(images)
+
+
 def network_only(bundle, backend, batch, steps=5):
     "Images/s of the network alone on a prepared random batch: what decoding and resizing cost is the difference."
-    import numpy as np
     from boneage.bundle import load_bundle
     from boneage.inference import KerasRunner, OnnxRunner, _check_batch
     b = load_bundle(bundle)
@@ -108,6 +116,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp) / "bundle", args.size)
         print(f"{len(images)} images from {folder}; bundle {bundle}; {os.cpu_count()} CPUs")
+        print(f"reading one image (decode to 8-bit grey, one thread): {reading_ms(images):.1f} ms")
         from boneage.bundle import load_bundle
         int8_bundle = bundle
         if "onnx-int8" in args.backends and load_bundle(bundle).onnx_file("onnx_int8") is None:

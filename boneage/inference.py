@@ -10,6 +10,7 @@ __all__ = ['STATUSES', 'FIELDS', 'PHANTOM_WARNING', 'KerasRunner', 'OnnxRunner',
 # %% ../nbs/08_inference.ipynb
 import os, subprocess, sys
 from collections import deque
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -52,6 +53,16 @@ class OnnxRunner:
         return np.asarray(out["bone_age_months"], float).ravel(), out.get("features")
 
 # %% ../nbs/08_inference.ipynb
+@contextmanager
+def _collect_between_tf2onnx_passes():
+    "tf2onnx's optimizer table, each pass preceded by a full garbage collection, for the duration of a `with`."
+    import gc
+    import tf2onnx.optimizer as passes
+    table = passes._get_optimizers
+    passes._get_optimizers = lambda: {name: (lambda make=make: (gc.collect(), make())[1]) for name, make in table().items()}
+    try: yield
+    finally: passes._get_optimizers = table
+
 def _check_batch(size, n=4):
     rng = np.random.default_rng(0)
     return rng.uniform(-1, 1, (n, size, size, 3)).astype(np.float32), (np.arange(n) % 2).astype(np.float32)[:, None]
@@ -67,7 +78,7 @@ def _export_here(model_file, dest):
     size = m.inputs[0].shape[1]
     image, male = _check_batch(size, 1)
     two({"image": image, "male": male})  # a loaded model must be called once before export
-    two.export(str(dest), format="onnx", verbose=False)
+    with _collect_between_tf2onnx_passes(): two.export(str(dest), format="onnx", verbose=False)
 
 def export_onnx(bundle):
     "Write `model.onnx` into the bundle and record it with its largest difference from Keras (months) on a check batch."

@@ -119,6 +119,17 @@ def _pillow_array(im):
     if im.mode == "LA": im = im.convert("RGBA")
     return np.asarray(im)
 
+_PNG_END = b"IEND\xaeB`\x82"  # the last chunk of every complete PNG
+_PNG_EXIF = (b"eXIf", b"Raw profile type exif")  # EXIF's two homes in a PNG, possibly after the pixels
+
+def _opencv_grey_png(data, im):
+    "The pixels of a complete 8- or 16-bit grey PNG without EXIF, decoded by OpenCV; else None: Pillow decodes the rest."
+    if im.format != "PNG" or im.mode not in ("L", "I;16", "I;16B") or not data.endswith(_PNG_END): return None
+    if any(tag in data for tag in _PNG_EXIF): return None  # Pillow decodes the whole PNG to find its EXIF: let it
+    import cv2
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn, done below
+    return img if img is not None and img.shape == im.size[::-1] else None  # grey with transparency: not 2-D
+
 def _apply_orientation(img, orientation):
     ops = {"flip": lambda a: a[:, ::-1], "flipv": lambda a: a[::-1], "rot180": lambda a: a[::-1, ::-1],
            "rot90": lambda a: np.rot90(a, 1), "rot270": lambda a: np.rot90(a, 3),
@@ -128,13 +139,14 @@ def _apply_orientation(img, orientation):
 
 def _read_picture(data, name, max_pixels, percentiles):
     im, fmt, pages, notes = _open(data, name, max_pixels)
-    orientation = 1
-    try: orientation = int(im.getexif().get(0x0112, 1) or 1)
-    except Exception: notes.append("unreadable EXIF block ignored")
+    img, orientation = _opencv_grey_png(data, im), 1
+    if img is None:
+        try: orientation = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception: notes.append("unreadable EXIF block ignored")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            img = _pillow_array(im)
+            if img is None: img = _pillow_array(im)
     except (OSError, ValueError, SyntaxError) as e:
         why = "truncated: the file ends before the image does" if "truncated" in str(e) else f"damaged ({str(e)[:80]})"
         raise ImageError(f"{name}: {why}") from None

@@ -1,5 +1,5 @@
 """The benchmark scripts run (on tiny settings): their figures come from `bench/`, so the scripts must work."""
-import json, os, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,7 @@ def test_predict_speed(bundle_dir, rsna_sample):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cold start" in r.stdout and "onnx-int8 warm, batch 4" in r.stdout  # an int8 copy made for the run
+    assert re.search(r"reading one image .*: \d+\.\d ms", r.stdout)
     assert not (Path(bundle_dir) / "model-int8.onnx").exists()  # in a temporary copy: the bundle is left as it was
 
 

@@ -152,6 +152,25 @@ def test_exif_orientation_is_applied(tmp_path):
     assert r.notes == ["EXIF orientation 6 applied"]
 
 
+def test_grey_png_with_exif_is_turned_and_without_it_reads_as_pillow_decodes_it(tmp_path, monkeypatch):
+    "A grey PNG goes to OpenCV only without EXIF (an eXIf chunk after the pixels included); the pixels match Pillow's."
+    from boneage import reading
+    sideways = Image.fromarray(np.rot90(HAND, 1).copy())
+    exif = sideways.getexif(); exif[0x0112] = 6
+    sideways.save(tmp_path / "phone.png", exif=exif)
+    assert b"eXIf" in (tmp_path / "phone.png").read_bytes()
+    r = read_image(tmp_path / "phone.png")
+    assert np.array_equal(r.pixels, HAND) and r.notes == ["EXIF orientation 6 applied"]
+    for arr, name in [(HAND, "8.png"), (HAND.astype(np.uint16) * 257, "16.png")]:
+        Image.fromarray(arr).save(tmp_path / name)
+        by_opencv = read_image(tmp_path / name)
+        monkeypatch.setattr(reading, "_opencv_grey_png", lambda data, im: None)  # Pillow alone
+        by_pillow = read_image(tmp_path / name)
+        monkeypatch.undo()
+        assert np.array_equal(by_opencv.pixels, by_pillow.pixels) and by_opencv.notes == by_pillow.notes, name
+        assert reading._opencv_grey_png((tmp_path / name).read_bytes(), Image.open(tmp_path / name)) is not None, name
+
+
 def test_multipage_tiff_reads_the_largest_page(tmp_path):
     Image.fromarray(HAND[::8, ::8]).save(tmp_path / "scan.tif", save_all=True, append_images=[Image.fromarray(HAND)])
     r = read_image(tmp_path / "scan.tif")
