@@ -152,7 +152,7 @@ def test_exif_orientation_is_applied(tmp_path):
     assert r.notes == ["EXIF orientation 6 applied"]
 
 
-def test_grey_png_with_exif_is_turned_and_without_it_reads_as_pillow_decodes_it(tmp_path, monkeypatch):
+def test_grey_png_with_exif_is_turned_and_without_it_reads_as_pillow_decodes_it(tmp_path, monkeypatch, capfd):
     "A grey PNG goes to OpenCV only without EXIF (an eXIf chunk after the pixels included); the pixels match Pillow's."
     from boneage import reading
     sideways = Image.fromarray(np.rot90(HAND, 1).copy())
@@ -169,6 +169,12 @@ def test_grey_png_with_exif_is_turned_and_without_it_reads_as_pillow_decodes_it(
         monkeypatch.undo()
         assert np.array_equal(by_opencv.pixels, by_pillow.pixels) and by_opencv.notes == by_pillow.notes, name
         assert reading._opencv_grey_png((tmp_path / name).read_bytes(), Image.open(tmp_path / name)) is not None, name
+    damaged = bytearray((tmp_path / "8.png").read_bytes()); damaged[len(damaged) // 2] ^= 0xFF  # a checksum now wrong
+    (tmp_path / "damaged.png").write_bytes(damaged)
+    assert not reading._plain_png(bytes(damaged)) and reading._plain_png((tmp_path / "8.png").read_bytes())
+    try: read_image(tmp_path / "damaged.png")
+    except ImageError: pass
+    assert "libpng" not in capfd.readouterr().err  # Pillow, not OpenCV, met the damage: nothing printed beside our message
 
 
 def test_multipage_tiff_reads_the_largest_page(tmp_path):
