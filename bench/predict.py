@@ -65,8 +65,8 @@ def benchmark_images(images_arg):
     if images_arg: folder = Path(images_arg)
     else:
         from boneage.data import find_rsna_sample
-        if find_rsna_sample() is None: sys.exit("no --images and no shared RSNA sample beside the repository")
-        folder = find_rsna_sample() / "images"
+        if (sample := find_rsna_sample()) is None: sys.exit("no --images and no shared RSNA sample beside the repository")
+        folder = sample / "images"
     return folder, find_images(folder)
 
 

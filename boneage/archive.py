@@ -29,13 +29,12 @@ class ArchivePredictor:
     "A Ray Data actor: one `Predictor` (its own ONNX Runtime session), blocks of requests in, blocks of rows out."
     def __init__(self, model, backend="auto", threads=None, gate=True, batch_size=8):
         self.predictor = Predictor(model, backend, batch_size=batch_size, gate=gate, threads=threads)
-        self.threads = threads or 1  # as many readers as compute threads: decoding overlaps the network as in `boneage predict`
 
     def __call__(self, batch):
         reqs = [Request(s, sex or None, age or None, None if row is None or row < 0 else int(row), None if dup is None or dup < 0 else int(dup))
                 for s, sex, age, row, dup in zip(batch["source"], batch["sex"], batch["chronological_age"], batch["row"], batch["duplicate_of"])]
         rows = []
-        for req, r in zip(reqs, self.predictor.predict_many(reqs, threads=self.threads)):
+        for req, r in zip(reqs, self.predictor.predict_many(reqs)):
             rows.append(flag_duplicate(req, r).as_dict())
         return {k: [row[k] for row in rows] for k in FIELDS}
 

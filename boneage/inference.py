@@ -254,7 +254,7 @@ class Predictor:
         if int(batch_size) < 1: raise ValueError(f"batch size {batch_size}: must be at least 1")
         self.bundle = model if isinstance(model, Bundle) else load_bundle(model)
         self.backend, self.runner = _runner(self.bundle, backend, threads)
-        self.tta, self.fix_inverted, self.batch_size, self.gate = tta, fix_inverted, int(batch_size), gate
+        self.tta, self.fix_inverted, self.batch_size, self.gate, self.threads = tta, fix_inverted, int(batch_size), gate, threads
         self.features = load_gate(self.bundle)
         self.percentiles = tuple(self.bundle.spec["deep_window_percentiles"])
 
@@ -305,7 +305,8 @@ def _run(predictor, prepared):
 def predict_many(predictor, requests, threads=None):
     "One `BoneAgePrediction` per request, in order; the next requests are read on other threads meanwhile."
     requests, chunk = iter(requests), max(1, predictor.batch_size // (5 if predictor.tta else 1))
-    with ThreadPoolExecutor(threads or min(4, os.cpu_count() or 1)) as pool:  # the decoders release the GIL
+    readers = threads or predictor.threads or min(4, os.cpu_count() or 1)  # a predictor held to N threads reads on N too
+    with ThreadPoolExecutor(readers) as pool:  # the decoders release the GIL
         pending = deque(pool.submit(predictor.prepare, q) for q in islice(requests, 2 * chunk))
         while pending:
             done = [pending.popleft().result() for _ in range(min(chunk, len(pending)))]

@@ -82,7 +82,7 @@ def make_phantom_dataset(folder, n=1000, size=512, seed=0, bone_age_months=None,
         shutil.rmtree(tmp, ignore_errors=True); raise
     rows = "".join(f"{i},{a},{m}\n" for i, a, m in zip(ids, bone_age_months, male))
     (tmp / "labels.csv").write_text("id,boneage,male\n" + rows)
-    (tmp / PHANTOM_FILE).write_text(json.dumps({"recipe": recipe, "generator": "boneage.phantom"}, indent=1))
+    (tmp / PHANTOM_FILE).write_text(json.dumps({"recipe": recipe, "generator": "boneage.phantom_dataset"}, indent=1))
     _replace_folder(tmp, folder)
     return folder
 

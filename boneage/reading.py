@@ -119,29 +119,6 @@ def _pillow_array(im):
     if im.mode == "LA": im = im.convert("RGBA")
     return np.asarray(im)
 
-_EXIF_TEXT = b"Raw profile type exif"  # EXIF kept in a text chunk, an older habit than the eXIf chunk
-
-def _plain_png(data):
-    "Whether PNG bytes are whole (every chunk's CRC right, IEND last) and carry no EXIF: a file OpenCV may decode."
-    view, pos = memoryview(data), 8
-    while pos + 12 <= len(data):
-        n, kind = int.from_bytes(view[pos:pos + 4], "big"), bytes(view[pos + 4:pos + 8])
-        body_end = pos + 8 + n
-        if body_end + 4 > len(data) or zlib.crc32(view[pos + 4:body_end]) != int.from_bytes(view[body_end:body_end + 4], "big"):
-            return False  # cut or damaged: Pillow decodes it and says what is wrong (libpng would print to stderr)
-        if kind == b"eXIf" or (kind in (b"tEXt", b"zTXt", b"iTXt") and bytes(view[pos + 8:body_end]).startswith(_EXIF_TEXT)):
-            return False  # Pillow decodes the whole PNG to find its EXIF anyway: one decoder is enough
-        if kind == b"IEND": return body_end + 4 == len(data)
-        pos = body_end + 4
-    return False
-
-def _opencv_grey_png(data, im):
-    "The pixels of a plain 8- or 16-bit grey PNG decoded by OpenCV; else None: Pillow decodes the rest."
-    if im.format != "PNG" or im.mode not in ("L", "I;16", "I;16B") or not _plain_png(data): return None
-    import cv2
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn, done below
-    return img if img is not None and img.shape == im.size[::-1] else None  # grey with transparency: not 2-D
-
 def _apply_orientation(img, orientation):
     ops = {"flip": lambda a: a[:, ::-1], "flipv": lambda a: a[::-1], "rot180": lambda a: a[::-1, ::-1],
            "rot90": lambda a: np.rot90(a, 1), "rot270": lambda a: np.rot90(a, 3),
@@ -168,6 +145,30 @@ def _read_picture(data, name, max_pixels, percentiles):
     colour = colourfulness(img) if img.ndim == 3 and img.shape[2] >= 3 else 0.0
     if bits > 8: notes.append(f"{bits}-bit: stretched between the {percentiles[0]:g}th and {percentiles[1]:g}th percentiles")
     return Radiograph(to_uint8_gray(img, percentiles), name, fmt, bits, colour, pages, notes=notes)
+
+# %% ../nbs/01a_reading.ipynb
+_EXIF_TEXT = b"Raw profile type exif"  # EXIF kept in a text chunk, an older habit than the eXIf chunk
+
+def _plain_png(data):
+    "Whether PNG bytes are whole (every chunk's CRC right, IEND last) and carry no EXIF: a file OpenCV may decode."
+    view, pos = memoryview(data), 8
+    while pos + 12 <= len(data):
+        n, kind = int.from_bytes(view[pos:pos + 4], "big"), bytes(view[pos + 4:pos + 8])
+        body_end = pos + 8 + n
+        if body_end + 4 > len(data) or zlib.crc32(view[pos + 4:body_end]) != int.from_bytes(view[body_end:body_end + 4], "big"):
+            return False  # cut or damaged: Pillow decodes it and says what is wrong (libpng would print to stderr)
+        if kind == b"eXIf" or (kind in (b"tEXt", b"zTXt", b"iTXt") and bytes(view[pos + 8:body_end]).startswith(_EXIF_TEXT)):
+            return False  # Pillow decodes the whole PNG to find its EXIF anyway: one decoder is enough
+        if kind == b"IEND": return body_end + 4 == len(data)
+        pos = body_end + 4
+    return False
+
+def _opencv_grey_png(data, im):
+    "The pixels of a plain 8- or 16-bit grey PNG decoded by OpenCV; else None: Pillow decodes the rest."
+    if im.format != "PNG" or im.mode not in ("L", "I;16", "I;16B") or not _plain_png(data): return None
+    import cv2
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)  # UNCHANGED: no EXIF turn, done below
+    return img if img is not None and img.shape == im.size[::-1] else None  # grey with transparency: not 2-D
 
 # %% ../nbs/01a_reading.ipynb
 def _tag(ds, name):

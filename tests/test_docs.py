@@ -1,15 +1,12 @@
 """The docs site, built here from a tiny course run into a temporary folder, opened page by page in a real browser."""
-import functools, http.server, importlib, os, re, shutil, threading
+import functools, http.server, importlib, re, shutil, threading
 from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need as _need
+from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need
 
-CI = os.environ.get("CI") == "true"
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
-
-
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +31,7 @@ class QuietHandler(http.server.SimpleHTTPRequestHandler):
 
 @pytest.fixture(scope="module")
 def browser():
-    _need(CHROMIUM, "Chromium not found (Debian package `chromium`)")
+    need(CHROMIUM, "Chromium not found (Debian package `chromium`)")
     playwright = pytest.importorskip("playwright.sync_api", reason="playwright not installed (pip install -e '.[dev]')")
     with playwright.sync_playwright() as p:
         b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=FLAGS)

@@ -109,9 +109,9 @@ def _fail_drawing(args): raise RuntimeError("killed while drawing")
 
 
 def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monkeypatch):
-    from boneage import phantom_dataset as phantom
+    from boneage import phantom_dataset
     d = make_phantom_dataset(tmp_path / "ph", n=6, size=64, seed=1, progress=False, n_jobs=1)
-    monkeypatch.setattr(phantom, "_write_one", _fail_drawing)
+    monkeypatch.setattr(phantom_dataset, "_write_one", _fail_drawing)
     with pytest.raises(RuntimeError):
         make_phantom_dataset(d, n=8, size=64, seed=1, progress=False, n_jobs=1)
     assert len(pd.read_csv(d / "labels.csv")) == 6 and len(list((d / "images").glob("*.png"))) == 6  # the old one, whole
@@ -121,10 +121,10 @@ def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monk
 
 
 def test_drawing_code_is_part_of_the_recipe(tmp_path, monkeypatch):
-    from boneage import phantom_dataset as phantom
+    from boneage import phantom_dataset
     d = make_phantom_dataset(tmp_path / "ph", n=4, size=64, seed=1, progress=False, n_jobs=1)
-    assert phantom_recipe(d)["code"] == phantom._code_fingerprint()
-    monkeypatch.setattr(phantom, "_code_fingerprint", lambda: "edited")
+    assert phantom_recipe(d)["code"] == phantom_dataset._code_fingerprint()
+    monkeypatch.setattr(phantom_dataset, "_code_fingerprint", lambda: "edited")
     mtime = (d / "labels.csv").stat().st_mtime_ns
     make_phantom_dataset(d, n=4, size=64, seed=1, progress=False, n_jobs=1)
     assert phantom_recipe(d)["code"] == "edited" and (d / "labels.csv").stat().st_mtime_ns != mtime  # drawn anew
