@@ -55,12 +55,14 @@ def test_a_killed_archive_run_resumes_without_redoing_rows(bundle_dir, archive, 
     while time.time() < deadline and len(list(out.glob("*.parquet"))) < 3: time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()
     subprocess.run(["ray", "stop", "--force"], capture_output=True)  # what the kill left of the local Ray
-    before = len(list(out.glob("*.parquet")))
-    assert 3 <= before < 21
+    files, kept = len(list(out.glob("*.parquet"))), len(pd.read_parquet(out))
+    assert 3 <= files < 21 and kept < 162  # killed while predicting, some blocks already on disk
+    assert max(len(pd.read_parquet(f)) for f in out.glob("*.parquet")) <= 8  # a file is one block
+    (out / ".left-by-a-kill.parquet.part").write_bytes(b"PAR1 half")  # a block whose write was cut
     r = boneage("predict-archive", archive, "--sex", "M", "--model", bundle_dir, "--out", out, "--actors", "1",
                 "--rows-per-block", "8", "--no-progress")
     assert r.returncode == 1, r.stderr[-3000:]
-    done = int(r.stderr.split(" already in")[0].split(": ")[-1])
-    assert done >= 8 * (before - 1)  # what was finished before the kill was not redone (a half-written file may be)
+    assert f"162 inputs: {kept} already in" in r.stderr, r.stderr[-3000:]  # every finished row kept, none redone
     rows = pd.read_parquet(out)
     assert len(rows) == 162 and rows.source.is_unique
+    assert not list(out.glob(".*.part"))
