@@ -66,3 +66,10 @@ def test_a_killed_archive_run_resumes_without_redoing_rows(bundle_dir, archive, 
     rows = pd.read_parquet(out)
     assert len(rows) == 162 and rows.source.is_unique
     assert not list(out.glob(".*.part"))
+
+
+def test_an_output_url_is_refused_in_one_line(bundle_dir, archive, tmp_path):
+    r = boneage("predict-archive", archive, "--model", bundle_dir, "--out", "s3://bucket/bone_ages.parquet", "--no-progress")
+    assert r.returncode == 1 and r.stderr.strip().splitlines()[-1] == (
+        "boneage: s3://bucket/bone_ages.parquet: the output must be a folder (on a cluster, one every node can write to), not a URL")
+    assert "Traceback" not in r.stderr
