@@ -302,10 +302,10 @@ def _run(predictor, prepared):
             _finish(predictor, r, months[at:at + len(v)], None if feats is None else feats[at:at + len(v)]); at += len(v)
     return [r for r, _ in prepared]
 
-def predict_many(predictor, requests, threads=None):
+def predict_many(predictor, requests):
     "One `BoneAgePrediction` per request, in order; the next requests are read on other threads meanwhile."
     requests, chunk = iter(requests), max(1, predictor.batch_size // (5 if predictor.tta else 1))
-    readers = threads or predictor.threads or min(4, os.cpu_count() or 1)  # a predictor held to N threads reads on N too
+    readers = predictor.threads or min(4, os.cpu_count() or 1)  # a predictor held to N threads reads on N too
     with ThreadPoolExecutor(readers) as pool:  # the decoders release the GIL
         pending = deque(pool.submit(predictor.prepare, q) for q in islice(requests, 2 * chunk))
         while pending:
