@@ -28,7 +28,7 @@ def main():
     folder = Path(args.images) if args.images else (find_rsna_sample() / "images" if find_rsna_sample() else ROOT / "Bone_age_prediction" / "phantom" / "images")
     images = sorted(folder.glob("*.png"))[:8]
     port, t0 = free_port(), time.perf_counter()
-    server = subprocess.Popen([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "serve",
+    server = subprocess.Popen([sys.executable, "-m", "boneage", "serve",
                                "--model", args.model, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                               env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     url = f"http://127.0.0.1:{port}"

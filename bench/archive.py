@@ -16,7 +16,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 sys.path.insert(0, str(Path(__file__).parent))
 from predict import benchmark_images, make_bundle  # noqa: E402
 
-CLI = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())"]
+CLI = [sys.executable, "-m", "boneage"]
 
 
 def linked_archive(images, folder, copies):

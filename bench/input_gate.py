@@ -81,7 +81,7 @@ def main():
         real, source = [phantom_radiograph(a, a % 2 == 0, 512, seed=a)[0] for a in range(12, 228, 6)], "36 phantoms (no RSNA sample at hand)"
     classes = build(root / "in", real)
     out = root / "rows.jsonl"
-    r = subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict", str(root / "in"),
+    r = subprocess.run([sys.executable, "-m", "boneage", "predict", str(root / "in"),
                         "--sex", "M", "--model", args.model, "--format", "jsonl", "--out", str(out), "--no-progress"],
                        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     rows = {Path(x["source"]).resolve(): x for x in map(json.loads, out.read_text().splitlines())}

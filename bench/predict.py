@@ -6,7 +6,8 @@
 
 Cold start is a fresh `boneage predict IMAGE` process, from launch to its exit after printing the one result.
 Warm is a loaded `Predictor` running `predict_many` over the images (read, letterbox, scale, model) after one
-warm-up pass. Without --bundle, an untrained Xception bundle at --size is built and exported to ONNX in a temporary
+warm-up pass. Beside it, a plain ONNX Runtime session on the same ONNX file (OpenCV decode, one resize, no checks,
+no gate, reading on one thread) and the ratio of the two. Without --bundle, an untrained Xception bundle at --size is built and exported to ONNX in a temporary
 folder: speed does not depend on the weights. For `onnx-int8` on a bundle without an int8 copy, one is made in a
 temporary copy of the bundle, calibrated on the first 16 benchmark images (speed, not accuracy: the inference
 notebook measures what int8 costs in accuracy on the test split).
@@ -48,7 +49,7 @@ def with_int8(bundle, images, folder):
 
 
 def cold_start(image, bundle, backend, repeats):
-    cmd = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict", str(image),
+    cmd = [sys.executable, "-m", "boneage", "predict", str(image),
            "--sex", "M", "--model", str(bundle), "--backend", backend, "--format", "csv", "--no-progress"]
     times = []
     for _ in range(repeats):
@@ -102,6 +103,28 @@ def network_only(bundle, backend, batch, steps=5):
     return steps * batch / (time.perf_counter() - t0)
 
 
+def plain_onnx(images, onnx_file, size, batch, passes):
+    "Images/s of a plain pipeline on the same ONNX file: OpenCV decode, one area resize, scale, an ONNX Runtime session; no checks, no gate."
+    import cv2, numpy as np, onnxruntime as ort
+    opts = ort.SessionOptions(); opts.log_severity_level = 3
+    session = ort.InferenceSession(str(onnx_file), opts, providers=["CPUExecutionProvider"])
+    def prepare(path):
+        img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+        h, w = img.shape
+        nh, nw = round(h * size / max(h, w)), round(w * size / max(h, w))
+        out = np.zeros((size, size), np.uint8)
+        out[(size - nh) // 2:(size - nh) // 2 + nh, (size - nw) // 2:(size - nw) // 2 + nw] = cv2.resize(img, (nw, nh), interpolation=cv2.INTER_AREA)
+        return out
+    def one_pass():
+        for i in range(0, len(images), batch):
+            x = np.stack([prepare(p) for p in images[i:i + batch]]).astype(np.float32) / 127.5 - 1
+            session.run(None, {"image": np.repeat(x[..., None], 3, -1), "male": np.ones((len(x), 1), np.float32)})
+    one_pass()  # warm-up, as for the predictor
+    t0 = time.perf_counter()
+    for _ in range(passes): one_pass()
+    return passes * len(images) / (time.perf_counter() - t0)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", help="folder of radiographs (default: the shared RSNA sample)")
@@ -126,8 +149,14 @@ def main():
             print(f"{backend:9s} cold start (process start → first result): "
                   f"{cold_start(images[0], bundle_here, backend, args.repeats):.2f} s", flush=True)
             for b in args.batch:
-                print(f"{backend:9s} warm, batch {b}: {warm(images, bundle_here, backend, b, args.passes):.1f} images/s "
-                      f"(decode included); network alone {network_only(bundle_here, backend, b):.1f} images/s", flush=True)
+                rate = warm(images, bundle_here, backend, b, args.passes)
+                line = (f"{backend:9s} warm, batch {b}: {rate:.1f} images/s (decode included); network alone "
+                        f"{network_only(bundle_here, backend, b):.1f} images/s")
+                if backend != "keras":
+                    here = load_bundle(bundle_here)
+                    base = plain_onnx(images, here.onnx_file("onnx_int8" if backend == "onnx-int8" else "onnx"), here.image_size, b, args.passes)
+                    line += f"; a plain ONNX Runtime session on the same file {base:.1f} images/s, ratio {rate / base:.2f}"
+                print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def main():
     log = root / "opened.log"; log.write_text("")
     env = {**os.environ, "PYTHONPATH": f"{hook}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "SCALE_IMAGES": str(images),
            "SCALE_LOG": str(log), "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--data-dir", str(data),
+    cmd = [sys.executable, "-m", "boneage", "run", "--data-dir", str(data),
            "--out", str(run), "--image-size", str(args.image_size), "--epochs", str(args.epochs), "--no-progress"]
     if args.only: cmd += ["--only", *args.only]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

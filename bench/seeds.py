@@ -21,7 +21,7 @@ METRICS = [("R²", lambda m: m["regression"]["r2"], "{:.3f}"), ("MAE (months)", 
 
 
 def run(seed, out):
-    cmd = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--seed", str(seed),
+    cmd = [sys.executable, "-m", "boneage", "run", "--seed", str(seed),
            "--out", str(out), "--only", "00", "02", "04", "05", "06", "--no-progress"]
     r = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, cwd=ROOT)
     if r.returncode: sys.exit(f"seed {seed} failed: {r.stderr.strip().splitlines()[-1:]}")

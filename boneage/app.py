@@ -39,7 +39,7 @@ def predict_uploads(predictor, uploads, sex=None, age=None, age_unit="months", e
             if explain and r.bone_age_months is not None:
                 try:
                     if draw is None: raise ImportError
-                    png = draw(predictor.bundle, p, r.male, Path(tmp) / f"{p.stem}.cam.png")
+                    png = draw(predictor.bundle, r.image, r.male, Path(tmp) / f"{p.stem}.cam.png", name or p.name)
                     d["overlay"] = base64.b64encode(png.read_bytes()).decode()
                 except ImportError:  # Grad-CAM needs Keras; prediction alone does not
                     d["notes"] = "; ".join(filter(None, [d["notes"], 'no Grad-CAM: it needs Keras (pip install "boneage[train]")']))

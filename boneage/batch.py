@@ -11,7 +11,7 @@ import csv, io, json, os, sys
 from pathlib import Path
 
 from .clinical import BoneAgeError
-from .inference import FIELDS, PHANTOM_WARNING, STATUSES, Predictor, Request
+from .inference import FIELDS, PHANTOM_WARNING, STATUSES, Predictor, Request, need_keras
 from .reading import IMAGE_SUFFIXES, display_name, is_dicom
 
 # %% ../nbs/08a_batch.ipynb
@@ -168,6 +168,7 @@ def run_predictions(inputs=(), manifest=None, sex=None, chronological_age=None, 
         if int(batch_size) < 1: raise UsageError(f"--batch-size {batch_size}: must be at least 1")
         if explain_dir and Path(explain_dir).exists() and not Path(explain_dir).is_dir():
             raise UsageError(f"--explain {display_name(explain_dir)}: is a file; name a folder")
+        if explain_dir: need_keras("--explain (Grad-CAM)")
         requests, warnings = collect_inputs(inputs, manifest, sex, chronological_age)
         check_output(out, requests, manifest)
         predictor = Predictor(model, backend, tta, fix_inverted, batch_size, gate)
@@ -190,7 +191,7 @@ def run_predictions(inputs=(), manifest=None, sex=None, chronological_age=None, 
             if explain_dir and r.bone_age_months is not None:
                 from boneage.gradcam import explain
                 path = _unique(Path(explain_dir) / f"{Path(r.source).stem}_gradcam.png", taken)
-                say(f"explained: {explain(predictor.bundle, r.source, r.male, path)}")
+                say(f"explained: {explain(predictor.bundle, r.image, r.male, path, Path(r.source).name)}")
     except BrokenPipeError:  # the reader went away (`| head`): stop quietly
         sys.stdout = open(os.devnull, "w"); return 1 if any(v for k, v in counts.items() if k != "ok") else 0
     finally:

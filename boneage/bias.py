@@ -9,16 +9,21 @@ __all__ = ['GAP_METRICS', 'errors_by_sex', 'sex_gaps', 'bias_outcome', 'bias_ver
 import numpy as np
 import pandas as pd
 
-from .evaluate import age_band
+from .evaluate import mae_by_age_band
 from .clinical import AGE_BANDS_YEARS
 
 # %% ../nbs/06_bias.ipynb
+GAP_METRICS = ("mae", "rmse", "mean_signed_error", "r2")
+
+def _stats(y, e):
+    "MAE, RMSE, mean signed error and R² of errors `e` on true ages `y`, as an array in the order of `GAP_METRICS`."
+    if len(e) == 0: return np.full(len(GAP_METRICS), np.nan)
+    ss = ((y - y.mean()) ** 2).sum()
+    return np.array([np.abs(e).mean(), np.sqrt((e ** 2).mean()), e.mean(), 1 - (e ** 2).sum() / ss if ss > 0 else np.nan])
+
 def _errors(y, p):
     y, e = np.asarray(y, float), np.asarray(p, float) - np.asarray(y, float)
-    if len(e) == 0: return {"n": 0, "mae": np.nan, "rmse": np.nan, "r2": np.nan, "mean_signed_error": np.nan}
-    ss = ((y - y.mean()) ** 2).sum()
-    return {"n": int(len(e)), "mae": float(np.abs(e).mean()), "rmse": float(np.sqrt((e ** 2).mean())),
-            "r2": float(1 - (e ** 2).sum() / ss) if ss > 0 else float("nan"), "mean_signed_error": float(e.mean())}
+    return {"n": int(len(e)), **{k: float(v) for k, v in zip(GAP_METRICS, _stats(y, e))}}
 
 def errors_by_sex(y_true, y_pred, male):
     "n, MAE, RMSE, R² and mean signed error for female and male patients."
@@ -27,12 +32,6 @@ def errors_by_sex(y_true, y_pred, male):
     return pd.DataFrame({sex: _errors(y_true[m], y_pred[m]) for sex, m in (("female", ~male), ("male", male))}).T
 
 # %% ../nbs/06_bias.ipynb
-GAP_METRICS = ("mae", "rmse", "mean_signed_error", "r2")
-
-def _stats(y, e):
-    ss = ((y - y.mean()) ** 2).sum()
-    return np.array([np.abs(e).mean(), np.sqrt((e ** 2).mean()), e.mean(), 1 - (e ** 2).sum() / ss if ss > 0 else np.nan])
-
 def sex_gaps(y_true, y_pred, male, n_boot=2000, seed=0, level=0.95):
     "Male − female difference of MAE, RMSE, mean signed error and R², with stratified-bootstrap confidence intervals."
     male, y = np.asarray(male, bool), np.asarray(y_true, float)
@@ -71,10 +70,7 @@ def bias_verdict(gaps, margin=2.0):
 # %% ../nbs/06_bias.ipynb
 def errors_by_band_and_sex(y_true, y_pred, male, bands=AGE_BANDS_YEARS):
     "n, MAE and mean signed error per age band (of true age) and sex."
-    d = pd.DataFrame({"band": age_band(y_true, bands), "sex": np.where(male, "male", "female"),
-                      "err": np.asarray(y_pred, float) - np.asarray(y_true, float)})
-    return (d.groupby(["band", "sex"], observed=False).err
-             .agg(n="size", mae=lambda e: e.abs().mean(), mean_signed_error="mean").reset_index())
+    return mae_by_age_band(y_true, y_pred, bands, by={"sex": np.where(male, "male", "female")})
 
 def plot_bias(by_band, path=None):
     "MAE and mean signed error per age band, girls beside boys."

@@ -68,19 +68,27 @@ def _run_parser(sub):
     r.add_argument("--nbs-dir", help="folder of the course notebooks (default: see `boneage.course.find_nbs_dir`)")
     r.add_argument("--no-progress", action="store_true", help="no per-cell progress bars")
 
+def _input_arguments(p):
+    "The radiographs to read, as `predict` and `predict-archive` both take them."
+    p.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="radiograph files and/or folders of them (searched to any depth)")
+    p.add_argument("--manifest", help="CSV with path,sex[,chronological_age] per image (paths relative to the CSV)")
+    p.add_argument("--sex", type=_checked(parse_sex), help="F or M for every image (DICOM: PatientSex when omitted)")
+    p.add_argument("--chronological-age", type=_checked(parse_age), metavar="MONTHS",
+                   help="the patient's age in months: reports how far bone age is ahead or behind")
+
+def _model_arguments(p, gate=True):
+    "The model bundle and how to run it, the same wherever a command predicts (`predict`, `predict-archive`, `serve`)."
+    p.add_argument("--model", help="model bundle folder (default: $BONEAGE_MODEL, else ./Bone_age_prediction/model)")
+    p.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "keras"], default="auto",
+                   help="auto: ONNX Runtime when the bundle has an ONNX copy, else Keras")
+    if gate: p.add_argument("--no-gate", dest="gate", action="store_false", help="research: predict even what the input gate rejects")
+
 def _predict_parser(sub):
     pr = sub.add_parser("predict", help="bone age of radiographs (PNG, JPEG, TIFF, DICOM) with a trained model bundle")
-    pr.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="radiograph files and/or folders of them (searched to any depth)")
-    pr.add_argument("--manifest", help="CSV with path,sex[,chronological_age] per image (paths relative to the CSV)")
-    pr.add_argument("--sex", type=_checked(parse_sex), help="F or M for every image (DICOM: PatientSex when omitted)")
-    pr.add_argument("--chronological-age", type=_checked(parse_age), metavar="MONTHS",
-                    help="the patient's age in months: reports how far bone age is ahead or behind")
-    pr.add_argument("--model", help="model bundle folder (default: $BONEAGE_MODEL, else ./Bone_age_prediction/model)")
-    pr.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "keras"], default="auto",
-                    help="auto: ONNX Runtime when the bundle has an ONNX copy, else Keras")
+    _input_arguments(pr)
+    _model_arguments(pr)
     pr.add_argument("--tta", action="store_true", help="average over the image and four mildly rotated or zoomed views")
     pr.add_argument("--fix-inverted", action="store_true", help="invert images that look inverted (white background)")
-    pr.add_argument("--no-gate", dest="gate", action="store_false", help="research: predict even what the input gate rejects")
     pr.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table",
                     help="jsonl: one complete JSON object per line, valid even if the run is killed")
     pr.add_argument("--out", help="write results to this file (as they come) instead of the terminal")
@@ -99,26 +107,20 @@ def _parser():
     d.add_argument("--rerun", action="store_true", help="execute the course again even if its executed notebooks are current")
     d.add_argument("--no-progress", action="store_true", help="no per-cell progress bars while executing")
     a = sub.add_parser("predict-archive", help="bone age of an archive with a pool of Ray actors, into Parquet (needs the archive extra)")
-    a.add_argument("inputs", nargs="*", metavar="IMAGE_OR_FOLDER", help="radiograph files and/or folders (searched to any depth)")
-    a.add_argument("--manifest", help="CSV with path,sex[,chronological_age] per image (paths relative to the CSV)")
-    a.add_argument("--sex", type=_checked(parse_sex), help="F or M for every image (DICOM: PatientSex when omitted)")
-    a.add_argument("--chronological-age", type=_checked(parse_age), metavar="MONTHS")
+    _input_arguments(a)
+    _model_arguments(a)
     a.add_argument("--out", required=True, help="Parquet output folder; a rerun skips what it already holds")
-    a.add_argument("--model", help="model bundle folder (default: $BONEAGE_MODEL, else ./Bone_age_prediction/model)")
     a.add_argument("--actors", type=positive_int, default=1, help="prediction processes (each with its own ONNX Runtime)")
     a.add_argument("--threads-per-actor", type=positive_int, help="ONNX Runtime threads per actor (default: CPUs / actors)")
     a.add_argument("--rows-per-block", type=positive_int, default=64, help="rows per Parquet file (the unit of resuming)")
-    a.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "keras"], default="auto")
-    a.add_argument("--no-gate", dest="gate", action="store_false", help="research: predict even what the input gate rejects")
     a.add_argument("--address", help="a Ray cluster (default: $RAY_ADDRESS, else a local Ray on this machine)")
     a.add_argument("--no-progress", action="store_true")
     s = sub.add_parser("serve", help="the web page and JSON API for bone age (needs the app extra)")
-    s.add_argument("--model", help="model bundle folder (default: $BONEAGE_MODEL, else ./Bone_age_prediction/model)")
+    _model_arguments(s, gate=False)
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=positive_int, default=8000)
     s.add_argument("--max-upload-mb", type=positive_int, default=64, help="largest request accepted")
     s.add_argument("--no-explain", action="store_true", help="no Grad-CAM overlays (they need Keras)")
-    s.add_argument("--backend", choices=["auto", "onnx", "onnx-int8", "keras"], default="auto")
     rd = sub.add_parser("readme", help="render README.md from the course's index.ipynb")
     rd.add_argument("--nbs-dir"); rd.add_argument("--dest")
     return p

@@ -6,14 +6,13 @@
 __all__ = ['COLUMN_ALIASES', 'SPLIT_FRACTIONS', 'PHANTOM_SPLIT_FRACTIONS', 'SPLIT_FILE', 'DataError', 'read_labels',
            'index_images', 'check_labels', 'summarize_problems', 'load_dataset', 'find_shared_data', 'find_rsna_sample',
            'age_sex_strata', 'part_sizes', 'split_dataset', 'MissingStepError', 'atomic_write_text', 'write_split',
-           'read_split', 'split_fingerprint', 'plot_age_distribution']
+           'read_split', 'code_fingerprint', 'split_fingerprint', 'plot_age_distribution']
 
 # %% ../nbs/00_data.ipynb
 import hashlib, os, re
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 
 from .clinical import MAX_BONE_AGE_MONTHS, BoneAgeError, InputError, parse_sex
 from .reading import IMAGE_SUFFIXES
@@ -32,6 +31,7 @@ def _canonical(col): return re.sub(r"\s+", " ", str(col).strip().lower())
 
 def read_labels(csv_path):
     "Read an RSNA-style label CSV into columns `id`, `bone_age_months`, `male` (raw values, not yet validated)."
+    import pandas as pd  # here, not at the top: prediction imports this module and must not load pandas
     csv_path = Path(csv_path)
     if not csv_path.is_file(): raise DataError(f"{csv_path}: label file not found")
     try: raw = pd.read_csv(csv_path, dtype=str, keep_default_na=False, encoding="utf-8-sig")
@@ -77,6 +77,7 @@ def _row_problem(id_, age, sex, n_with_id, images):
 
 def check_labels(labels, images):
     "Split label rows into usable rows (with `path`) and a table of problems (`id`, `reason`)."
+    import pandas as pd
     ids = labels["id"].map(lambda i: str(int(i)) if re.fullmatch(r"\d+", i) else i)  # 007 and 7: one id
     counts = ids.value_counts()
     reasons = [_row_problem(i, a, s, counts[c], images)
@@ -149,6 +150,7 @@ PHANTOM_SPLIT_FRACTIONS = {"train": 0.28, "valid": 0.06, "calib": 0.14, "test": 
 
 def age_sex_strata(df, n_age_bins=10, min_per_stratum=20):
     "A stratum label per row: sex crossed with age quantile bins, coarse enough that every stratum is filled."
+    import pandas as pd
     strata = pd.Series("", index=df.index, dtype=object)
     for male, g in df.groupby("male"):
         k = int(np.clip(len(g) // min_per_stratum, 1, n_age_bins))
@@ -214,6 +216,7 @@ def write_split(df, out_dir):
 
 def read_split(out_dir):
     "The course's split (`split.csv` written by the data notebook), with absolute image paths."
+    import pandas as pd
     out_dir = Path(out_dir).resolve()
     f = out_dir / SPLIT_FILE
     if not f.is_file(): raise MissingStepError(f"{f}: not found; run the data notebook (00_data) first")
@@ -224,6 +227,13 @@ def read_split(out_dir):
     if missing: raise DataError(f"{f}: {len(missing)} images it lists are gone (first: {missing[0]}); run 00_data again")
     return df
 
+def code_fingerprint(*modules):
+    "A short hash of the source files of `modules` (dotted names): change the code they hold, and the fingerprint changes."
+    import importlib.util
+    h = hashlib.sha1()
+    for m in modules: h.update(Path(importlib.util.find_spec(m).origin).read_bytes())
+    return h.hexdigest()[:12]
+
 def split_fingerprint(df):
     "A short hash of which image is in which split with which label: same split, same fingerprint."
     t = df.sort_values("id")[["id", "bone_age_months", "male", "split"]]
@@ -232,7 +242,7 @@ def split_fingerprint(df):
 # %% ../nbs/00_data.ipynb
 def plot_age_distribution(df, path=None, title="Bone age by sex"):
     "Histogram of bone age (years) by sex, saved to `path` when given."
-    import matplotlib.pyplot as plt, seaborn as sns
+    import matplotlib.pyplot as plt, pandas as pd, seaborn as sns
     d = pd.DataFrame({"bone age (years)": df["bone_age_months"] / 12, "sex": np.where(df["male"], "male", "female")})
     fig, ax = plt.subplots(figsize=(7, 3.6))
     sns.histplot(d, x="bone age (years)", hue="sex", hue_order=["female", "male"], bins=np.arange(0, 20.5, 1),

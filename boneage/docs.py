@@ -7,7 +7,7 @@ __all__ = ['NOISE', 'COURSE_CAPTION', 'PROJECT_PAGES', 'RESULT_FIGURES', 'DocsEr
            'clean_for_site', 'copy_linked_files', 'toctree_cell', 'results_page', 'api_pages', 'build_site']
 
 # %% ../nbs/92_docs.ipynb
-import json, re, shutil
+import json, os, re, shutil
 from pathlib import Path
 
 # %% ../nbs/92_docs.ipynb
@@ -146,6 +146,15 @@ def _execute(nb_path, timeout=600):
         raise DocsError(f"{Path(nb_path).name} failed: {(str(e).strip().splitlines() or [''])[-1][:200]}") from None
     return nb
 
+def _keep(nb, path):
+    "Write an executed notebook to `path` whole (through a temporary file), for the next build to reuse; returns it."
+    import nbformat
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    nbformat.write(nb, tmp)
+    os.replace(tmp, path)
+    return nb
+
 def _replaceable(dest):
     "Whether `dest` may be deleted to make room for the site: missing, empty, or a site Sphinx built (its .buildinfo)."
     return not dest.exists() or (dest.is_dir() and (not any(dest.iterdir()) or (dest / ".buildinfo").is_file()))
@@ -174,9 +183,9 @@ def build_site(out_dir="Bone_age_prediction", dest=None, rerun=False, nbs_dir=No
     for src in sorted(nbs_dir.glob("[0-9][0-9]*_*.ipynb")):
         if src in pipeline: nb = check_executed(out_dir / "notebooks" / src.name)
         elif (out_dir / "notebooks" / src.name).exists() and not stale_notebooks(out_dir / "notebooks", [src]):
-            nb = check_executed(out_dir / "notebooks" / src.name)  # an optional notebook run by name
+            nb = check_executed(out_dir / "notebooks" / src.name)  # run by name, or by an earlier build
         elif _is_optional(src): continue  # an optional notebook never run: no page
-        else: nb = _execute(src)
+        else: nb = _keep(_execute(src), out_dir / "notebooks" / src.name)  # kept for the next build
         nb = copy_linked_files(clean_for_site(nb, root, out_dir), stage, root, nbs_dir)
         nbformat.write(nb, stage / src.name); course.append(src.stem)
     home = copy_linked_files(clean_for_site(_execute(nbs_dir / "index.ipynb"), root), stage, root, nbs_dir)

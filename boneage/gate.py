@@ -62,12 +62,13 @@ GATE_FILE = "gate.npz"
 
 def fit_feature_gate(train_features, valid_features, quantile=0.99, max_components=64):
     "Feature statistics (mean, principal directions, their variances) and the threshold that passes `quantile` of `valid_features`."
+    from sklearn.decomposition import PCA
     x = np.asarray(train_features, np.float64)
-    mean = x.mean(0)
-    _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
     k = int(min(max_components, len(x) - 1, x.shape[1]))
-    variances = (s[:k] ** 2) / max(len(x) - 1, 1) + 1e-6 * (s[0] ** 2 / max(len(x) - 1, 1))  # a floor: no direction of zero spread
-    stats = {"mean": mean.astype(np.float32), "components": vt[:k].astype(np.float32), "variances": variances.astype(np.float32)}
+    pca = PCA(n_components=k, svd_solver="full").fit(x)
+    variances = pca.explained_variance_ + 1e-6 * pca.explained_variance_[0]  # a floor: no direction of zero spread
+    stats = {"mean": pca.mean_.astype(np.float32), "components": pca.components_.astype(np.float32),
+             "variances": variances.astype(np.float32)}
     scores = feature_scores(valid_features, stats)
     return stats, {"threshold": float(np.quantile(scores, quantile)), "quantile": quantile, "components": k,
                    "n_fit": int(len(x)), "n_threshold": int(len(scores))}

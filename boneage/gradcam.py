@@ -97,14 +97,15 @@ def plot_gradcam(image, cam, title, path=None):
     return fig
 
 # %% ../nbs/07_gradcam.ipynb
-def explain(bundle, source, male, path):
-    "Write a Grad-CAM overlay (radiograph, heat map, overlay) of one radiograph file to `path`; returns the path."
+def explain(bundle, source, male, path, name=None):
+    "Write a Grad-CAM overlay (radiograph, heat map, overlay) to `path`; returns the path. `source`: a radiograph file, or the prepared image a prediction carries (`result.image`), which is explained as it was predicted."
     import matplotlib.pyplot as plt
     from boneage.preprocess import load_radiograph, xception_scale
-    boxed = load_radiograph(source, bundle.spec)
+    boxed = source if isinstance(source, np.ndarray) else load_radiograph(source, bundle.spec)
     cams, preds = gradcam(bundle.keras_model(), xception_scale(boxed[None]), [float(male)])
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
-    plt.close(plot_gradcam(boxed, cams[0], f"{Path(source).name}: {preds[0]:.0f} months", path))
+    name = name or (Path(source).name if not isinstance(source, np.ndarray) else "radiograph")
+    plt.close(plot_gradcam(boxed, cams[0], f"{name}: {preds[0]:.0f} months", path))
     return path
 
 # %% ../nbs/07_gradcam.ipynb

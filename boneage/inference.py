@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['STATUSES', 'FIELDS', 'PHANTOM_WARNING', 'KerasRunner', 'OnnxRunner', 'export_onnx', 'quantize_onnx',
-           'BoneAgePrediction', 'as_dict', 'describe', 'Request', 'read_input', 'gate_input', 'tta_views', 'Predictor',
-           'predict_many', 'predict']
+           'BoneAgePrediction', 'as_dict', 'describe', 'Request', 'read_input', 'gate_input', 'tta_views', 'need_keras',
+           'Predictor', 'predict_many', 'predict']
 
 # %% ../nbs/08_inference.ipynb
 import os, subprocess, sys
@@ -139,6 +139,7 @@ class BoneAgePrediction:
     gate_score: float | None = None
     notes: list = field(default_factory=list)
     row: int | None = None
+    image: object = field(default=None, repr=False, compare=False)  # the prepared model input (uint8): what Grad-CAM explains
 
     @property
     def bone_age_years(self): return None if self.bone_age_months is None else self.bone_age_months / 12
@@ -231,14 +232,21 @@ def tta_views(img):
                                               flags=cv2.INTER_LINEAR, borderValue=0)
     return [img] + [warp(a, z) for a, z in ((-5, 1), (5, 1), (0, 0.95), (0, 1.05))]
 
-def _has_onnxruntime():
-    import importlib.util
-    return importlib.util.find_spec("onnxruntime") is not None
+def _installed(module):
+    import importlib.util  # looked up, not imported: importing Keras would load TensorFlow
+    return importlib.util.find_spec(module) is not None
+
+def need_keras(what):
+    "A one-line `BundleError` naming the extra when `what` needs Keras and this install (ONNX Runtime alone) has none."
+    if not _installed("keras"): raise BundleError(f'{what} needs Keras, which this install lacks: pip install "boneage[train]"')
 
 def _runner(bundle, backend, threads):
-    if backend == "auto": backend = "onnx" if bundle.onnx_file() and _has_onnxruntime() else "keras"
+    asked = backend
+    if backend == "auto": backend = "onnx" if bundle.onnx_file() and _installed("onnxruntime") else "keras"
     if backend not in ("onnx", "onnx-int8", "keras"): raise BundleError(f"backend {backend!r}: use auto, onnx, onnx-int8 or keras")
-    if backend == "keras": return backend, KerasRunner(bundle)
+    if backend == "keras":
+        need_keras("--backend keras" if asked == "keras" else f"{bundle.path} has no ONNX copy, so predicting with it")
+        return backend, KerasRunner(bundle)
     section = "onnx_int8" if backend == "onnx-int8" else "onnx"
     path = bundle.onnx_file(section)
     if path is None: raise BundleError(f"{bundle.path}: no {backend} copy in this bundle (the inference notebook exports one)")
@@ -266,7 +274,8 @@ class Predictor:
         result = gate_input(*read, req, self.gate, self.fix_inverted)
         if self.bundle.trained_on_phantom and phantom_folder(read[0].source) is None: result.notes.append(PHANTOM_WARNING)
         if result.status == "rejected": return result, None
-        boxed = self.bundle.prepare(read[0].pixels)
+        boxed = self.bundle.prepare(read[0].pixels)  # after any inversion the gate made: the image the model reads
+        result.image = boxed
         return result, xception_scale(np.stack(tta_views(boxed) if self.tta else [boxed]))
 
 # %% ../nbs/08_inference.ipynb

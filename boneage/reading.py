@@ -111,22 +111,14 @@ def _open(data, name, max_pixels):
     return im, fmt, pages, notes
 
 # %% ../nbs/01a_reading.ipynb
-_ORIENT = {2: ("flip",), 3: ("rot180",), 4: ("flipv",), 5: ("transpose",), 6: ("rot270",), 7: ("transverse",), 8: ("rot90",)}
-
 def _pillow_array(im):
     "The pixels of an opened Pillow image as a numpy array (grey, RGB or RGBA; 8-bit, 16-bit, int or float)."
     if im.mode in ("1", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX"): im = im.convert("RGBA" if "A" in im.mode or im.mode == "P" else "RGB")
     if im.mode == "LA": im = im.convert("RGBA")
     return np.asarray(im)
 
-def _apply_orientation(img, orientation):
-    ops = {"flip": lambda a: a[:, ::-1], "flipv": lambda a: a[::-1], "rot180": lambda a: a[::-1, ::-1],
-           "rot90": lambda a: np.rot90(a, 1), "rot270": lambda a: np.rot90(a, 3),
-           "transpose": lambda a: np.swapaxes(a, 0, 1), "transverse": lambda a: np.rot90(a, 2).swapaxes(0, 1)}
-    for op in _ORIENT.get(orientation, ()): img = ops[op](img)
-    return np.ascontiguousarray(img)
-
 def _read_picture(data, name, max_pixels, percentiles):
+    from PIL import ImageOps
     im, fmt, pages, notes = _open(data, name, max_pixels)
     img, orientation = _opencv_grey_png(data, im), 1
     if img is None:
@@ -135,12 +127,12 @@ def _read_picture(data, name, max_pixels, percentiles):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            if img is None and 2 <= orientation <= 8:  # Pillow turns it as the tag says, as every image viewer does
+                im = ImageOps.exif_transpose(im); notes.append(f"EXIF orientation {orientation} applied")
             if img is None: img = _pillow_array(im)
     except (OSError, ValueError, SyntaxError) as e:
         why = "truncated: the file ends before the image does" if "truncated" in str(e) else f"damaged ({str(e)[:80]})"
         raise ImageError(f"{name}: {why}") from None
-    if orientation in _ORIENT:
-        img = _apply_orientation(img, orientation); notes.append(f"EXIF orientation {orientation} applied")
     bits = 8 if img.dtype == np.uint8 else 16 if img.dtype == np.uint16 else 32
     colour = colourfulness(img) if img.ndim == 3 and img.shape[2] >= 3 else 0.0
     if bits > 8: notes.append(f"{bits}-bit: stretched between the {percentiles[0]:g}th and {percentiles[1]:g}th percentiles")

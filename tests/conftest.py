@@ -1,8 +1,10 @@
 import os, shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from filelock import FileLock
 
 from boneage.data import find_shared_data
 
@@ -33,22 +35,30 @@ def rsna_sample(shared_data):
     return shared_data / "rsna-sample"
 
 
+def shared(tmp_path_factory, name):
+    "A folder every test process of this run shares (pytest-xdist runs several), and the lock to hold while making it."
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"): root = root.parent  # the workers' folders sit side by side in one run's folder
+    return root / name, FileLock(str(root / f"{name}.lock"))
+
+
 TINY_CONFIG = dict(epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", head_width=64, batchnorm_momentum=0.9,
                    seed=0, workers=0)
 
 
 @pytest.fixture(scope="session")
 def trained_phantom(tmp_path_factory):
-    "A model trained at tiny settings on phantoms (the course's settings for random weights), shared by tests."
+    "A model trained at tiny settings on phantoms (the course's settings for random weights): trained once, shared by tests."
     from boneage.data import load_dataset, split_dataset
     from boneage.phantom_dataset import make_phantom_dataset
     from boneage.preprocess import preprocessing_spec
     from boneage.train import TrainConfig, train
-    tmp = tmp_path_factory.mktemp("trained")
-    data = make_phantom_dataset(tmp / "ph", n=160, size=96, seed=11, progress=False)
-    df = split_dataset(load_dataset(data), seed=0)
-    result = train(df, tmp / "out", preprocessing_spec(72), TrainConfig(**TINY_CONFIG), verbose=False)
-    return result, df, data, tmp / "out"
+    folder, lock = shared(tmp_path_factory, "trained")
+    with lock:  # the first process draws and trains; the others find both done and load them
+        data = make_phantom_dataset(folder / "ph", n=160, size=96, seed=11, progress=False)
+        df = split_dataset(load_dataset(data), seed=0)
+        result = train(df, folder / "out", preprocessing_spec(72), TrainConfig(**TINY_CONFIG), verbose=False)
+    return result, df, data, folder / "out"
 
 
 def complete_bundle(model_dir, df, conformal=None):
@@ -72,38 +82,59 @@ def complete_bundle(model_dir, df, conformal=None):
 
 @pytest.fixture(scope="session")
 def bundle_dir(trained_phantom, tmp_path_factory):
-    "A copy of the tiny trained model as a full bundle: intervals, stages, the input gate and an ONNX copy."
+    "A copy of the tiny trained model as a full bundle: intervals, stages, the input gate and an ONNX copy (made once)."
     _, df, _, out = trained_phantom
-    dest = tmp_path_factory.mktemp("bundle") / "model"
-    shutil.copytree(out / "model", dest)
-    return complete_bundle(dest, df)
+    folder, lock = shared(tmp_path_factory, "bundle")
+    with lock:
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left
+            shutil.copytree(out / "model", folder / "model")
+            complete_bundle(folder / "model", df)
+            (folder / "done").touch()
+    return folder / "model"
 
 
 @pytest.fixture(scope="session")
 def ungated_bundle_dir(bundle_dir, tmp_path_factory):
     "The same bundle without the learned gate score: results depend on the rules alone (no machine-dependent scores)."
     from boneage.bundle import write_bundle_info
-    dest = tmp_path_factory.mktemp("ungated") / "model"
-    shutil.copytree(bundle_dir, dest)
-    write_bundle_info(dest, gate=None)
-    return dest
+    folder, lock = shared(tmp_path_factory, "ungated")
+    with lock:
+        if not (folder / "done").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            shutil.copytree(bundle_dir, folder / "model")
+            write_bundle_info(folder / "model", gate=None)
+            (folder / "done").touch()
+    return folder / "model"
 
 
 TINY_RUN = ["--n-images", "60", "--phantom-size", "128", "--image-size", "72", "--seed", "3", "--epochs", "2"]
 
 
-def boneage_run(out, *args, backend="tensorflow"):
-    "`boneage run --out OUT ARGS` in a fresh process, as a user runs it."
+def boneage_run(out, *args, backend="tensorflow", **env):
+    "`boneage run --out OUT ARGS` in a fresh process, as a user runs it (`env`: more environment variables)."
     import subprocess, sys
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend}
-    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out",
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend, **env}
+    return subprocess.run([sys.executable, "-m", "boneage", "run", "--out",
                            str(out), "--no-progress", *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
 @pytest.fixture(scope="session")
 def tiny_course(tmp_path_factory):
-    "The whole course at tiny settings, as `boneage run` executes it: shared by the notebook and the docs tests."
-    out = tmp_path_factory.mktemp("course")
-    r = boneage_run(out, *TINY_RUN)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return out, r
+    "The whole course at tiny settings, as `boneage run` executes it: the one course of a test run, shared by every test."
+    out, lock = shared(tmp_path_factory, "course")
+    log = out.with_name("course.stdout")
+    with lock:  # the first process runs it; the others wait for it and read what it printed
+        if not log.exists():
+            r = boneage_run(out, *TINY_RUN)
+            assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+            log.write_text(r.stdout)
+    return out, SimpleNamespace(returncode=0, stdout=log.read_text())
+
+
+def course_copy(tiny_course, dest):
+    "A copy of the tiny course for a test to change; its phantom set is linked, not copied, so it is reused as it is."
+    out = tiny_course[0]
+    shutil.copytree(out, dest, symlinks=True, ignore=shutil.ignore_patterns("phantom"))
+    (dest / "phantom").symlink_to(out / "phantom", target_is_directory=True)
+    return dest

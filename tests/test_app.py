@@ -97,7 +97,7 @@ def test_the_page_in_a_browser(bundle_dir, images, tmp_path):
     test, d = images
     shutil.copy(test.path[0], tmp_path / "phantom.png")
     port = _free_port()
-    server = subprocess.Popen([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "serve",
+    server = subprocess.Popen([sys.executable, "-m", "boneage", "serve",
                                "--model", str(bundle_dir), "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     url = f"http://127.0.0.1:{port}"

@@ -6,10 +6,12 @@ import pytest
 pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
 import pandas as pd
 
+pytestmark = pytest.mark.xdist_group("ray")  # one local Ray at a time: these run in one test process, one after another
+
 
 def boneage(*args, **kw):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "boneage", *map(str, args)],
                           capture_output=True, text=True, env=env, timeout=900, **kw)
 
 
@@ -47,7 +49,7 @@ def test_archive_rows_equal_the_command_line(bundle_dir, archive, tmp_path):
 
 def test_a_killed_archive_run_resumes_without_redoing_rows(bundle_dir, archive, tmp_path):
     out = tmp_path / "rows.parquet"
-    cmd = [sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict-archive", str(archive),
+    cmd = [sys.executable, "-m", "boneage", "predict-archive", str(archive),
            "--sex", "M", "--model", str(bundle_dir), "--out", str(out), "--actors", "1", "--rows-per-block", "8", "--no-progress"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"TF_CPP_MIN_LOG_LEVEL": "3"})

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 def cli(*args, cwd=ROOT, **kw):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict",
+    return subprocess.run([sys.executable, "-m", "boneage", "predict",
                            "--no-progress", *map(str, args)], capture_output=True, text=True, env=env, cwd=cwd, **kw)
 
 
@@ -138,7 +138,7 @@ def test_rows_written_before_a_kill_survive_as_valid_jsonl(bundle_dir, archive, 
     many = tmp_path / "many"; many.mkdir()
     for i in range(60): shutil.copy(test.path[i % len(test)], many / f"{i:03d}.png")
     out = tmp_path / "r.jsonl"
-    p = subprocess.Popen([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict",
+    p = subprocess.Popen([sys.executable, "-m", "boneage", "predict",
                           "--no-progress", many, "--sex", "F", "--model", bundle_dir, "--format", "jsonl", "--out", out,
                           "--batch-size", "1"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -150,7 +150,7 @@ def test_rows_written_before_a_kill_survive_as_valid_jsonl(bundle_dir, archive, 
 
 def test_a_closed_pipe_is_quiet(bundle_dir, archive):
     d, _ = archive
-    cmd = (f"{sys.executable} -c 'import sys; from boneage.cli import main; sys.exit(main())' predict --no-progress "
+    cmd = (f"{sys.executable} -m boneage predict --no-progress "
            f"{d}/good0.png {d}/good1.png {d}/good2.png --sex F --model {bundle_dir} --batch-size 1 | head -n 1")
     r = subprocess.run(cmd, shell=True, capture_output=True, text=True)
     assert r.stdout.startswith("image") and "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr

@@ -38,10 +38,12 @@ def test_predict_speed(bundle_dir, rsna_sample):
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cold start" in r.stdout and "onnx-int8 warm, batch 4" in r.stdout  # an int8 copy made for the run
+    assert re.search(r"onnx-int8 warm, batch 4: .* a plain ONNX Runtime session on the same file \d+\.\d images/s, ratio \d+\.\d\d", r.stdout)
     assert re.search(r"reading one image .*: \d+\.\d ms", r.stdout)
     assert not (Path(bundle_dir) / "model-int8.onnx").exists()  # in a temporary copy: the bundle is left as it was
 
 
+@pytest.mark.xdist_group("ray")  # with the archive tests: one local Ray at a time
 def test_archive_speed(bundle_dir, trained_phantom):
     pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
     _, _, data, _ = trained_phantom

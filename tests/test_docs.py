@@ -1,5 +1,5 @@
 """The docs site, built here from a tiny course run into a temporary folder, opened page by page in a real browser."""
-import functools, http.server, importlib, re, shutil, threading
+import functools, http.server, importlib, re, shutil, subprocess, sys, threading
 from urllib.parse import unquote, urlparse
 
 import pytest
@@ -7,13 +7,19 @@ import pytest
 from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need
 
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
+pytestmark = pytest.mark.xdist_group("docs")  # one test process builds the site these tests share
 
 
 @pytest.fixture(scope="module")
 def site(tiny_course, tmp_path_factory):
-    from boneage.docs import build_site
+    "`boneage docs` as a user runs it, on the tiny course (its executed notebooks are current, so it builds without rerunning)."
     out, _ = tiny_course
-    return build_site(out, tmp_path_factory.mktemp("site") / "site", progress=False), out
+    dest = tmp_path_factory.mktemp("site") / "site"
+    r = subprocess.run([sys.executable, "-m", "boneage", "docs", "--out", str(out), "--dest", str(dest), "--no-progress"],
+                       capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and f"site: {dest / 'index.html'}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "executing the course" not in r.stdout  # the tiny course's notebooks were used, not run again
+    return dest, out
 
 
 @pytest.fixture(scope="module")

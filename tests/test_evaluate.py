@@ -24,7 +24,7 @@ def test_age_bands():
         ["0–2 y", "0–2 y", "2–6 y", "2–6 y", "6–10 y", "6–10 y", "10–14 y", "10–14 y", "14–19 y", "14–19 y", "14–19 y"]
     t = mae_by_age_band([12, 12, 130], [14, 8, 130])
     assert t.set_index("band").loc["0–2 y", "mae"] == 3 and t.set_index("band").loc["10–14 y", "n"] == 1
-    assert t.set_index("band").loc["0–2 y", "mean_error"] == -1
+    assert t.set_index("band").loc["0–2 y", "mean_signed_error"] == -1
 
 
 def test_stages():
@@ -68,6 +68,17 @@ def test_bootstrap_intervals_cover_known_values():
     assert bootstrap_ci(np.mean, np.arange(10.0), n_boot=200, seed=3) == bootstrap_ci(np.mean, np.arange(10.0), n_boot=200, seed=3)
     s = stage_metrics(y, p, n_boot=300, seed=0)
     assert s["ci"]["accuracy"][0] <= s["accuracy"] <= s["ci"]["accuracy"][1]
+
+
+def test_every_metric_reads_the_same_resamples():
+    "One draw of rows serves every metric, and gives what each metric bootstrapped on its own with the same seed gives."
+    from sklearn.metrics import r2_score
+    rng = np.random.default_rng(5)
+    y = rng.uniform(0, 228, 120); p = y + rng.normal(0, 12, 120)
+    ci = regression_cis(y, p, n_boot=300, seed=4)
+    assert ci["mae"] == bootstrap_ci(lambda a, b: np.abs(b - a).mean(), y, p, n_boot=300, seed=4)
+    assert ci["r2"] == bootstrap_ci(r2_score, y, p, n_boot=300, seed=4)
+    assert ci["mae"] != bootstrap_ci(lambda a, b: np.abs(b - a).mean(), y, p, n_boot=300, seed=5)  # the draw does matter
 
 
 def test_results_markdown_carries_every_reference_number():

@@ -82,3 +82,16 @@ def test_bundle_gate_round_trip(bundle_dir):
     stats, info = load_gate(load_bundle(bundle_dir))
     assert stats["components"].shape[1] == stats["mean"].shape[0] and info["threshold"] > 0
     assert info["file"] == "gate.npz" and 0 < info["quantile"] < 1
+
+
+def test_scikit_learns_pca_gives_the_scores_of_the_principal_directions_by_hand():
+    "The gate's statistics come from scikit-learn's PCA; the scores equal those of the SVD written out (as the gate did before)."
+    rng = np.random.default_rng(3)
+    train = rng.normal(size=(80, 12)) @ rng.normal(size=(12, 12)); valid = rng.normal(size=(30, 12)) @ rng.normal(size=(12, 12))
+    stats, info = fit_feature_gate(train, valid, max_components=8)
+    mean = train.mean(0)
+    _, s, vt = np.linalg.svd(train - mean, full_matrices=False)
+    variances = s[:8] ** 2 / 79
+    by_hand = ((((valid - mean) @ vt[:8].T) ** 2) / (variances + 1e-6 * variances[0])).mean(axis=1)
+    np.testing.assert_allclose(feature_scores(valid, stats), by_hand, rtol=1e-4)
+    assert info["components"] == 8 and info["n_fit"] == 80

@@ -98,3 +98,21 @@ def test_same_heat_maps_on_jax(tmp_path):
                         str(tmp_path / "cams.npy")], env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     np.testing.assert_allclose(np.load(tmp_path / "cams.npy"), tf_cams, atol=2e-3)
+
+
+def test_the_overlay_explains_the_image_that_was_predicted(bundle_dir, trained_phantom, tmp_path, monkeypatch):
+    "With --fix-inverted the model reads the inverted-back image: the overlay shows that one, and nothing is decoded again."
+    from PIL import Image
+    from boneage import preprocess
+    from boneage.bundle import load_bundle
+    from boneage.gradcam import explain
+    from boneage.inference import Predictor
+    _, df, _, _ = trained_phantom
+    bundle = load_bundle(bundle_dir)
+    Image.fromarray(255 - np.asarray(Image.open(df.path[0]))).save(tmp_path / "negative.png")
+    (r,) = Predictor(bundle, fix_inverted=True, gate=False).predict_many([(tmp_path / "negative.png", True)])
+    assert any("inverted before predicting" in n for n in r.notes) and r.bone_age_months is not None
+    np.testing.assert_array_equal(r.image, preprocess.load_radiograph(df.path[0], bundle.spec))  # as the original reads
+    monkeypatch.setattr(preprocess, "load_radiograph", lambda *a, **k: pytest.fail("the radiograph was read a second time"))
+    made = explain(bundle, r.image, r.male, tmp_path / "cam.png", "negative.png")
+    assert made.stat().st_size > 5_000

@@ -188,9 +188,33 @@ def test_int8_copy_predicts_close_to_float32(bundle_dir, trained_phantom, tmp_pa
     f32, i8 = ([r.bone_age_months for r in Predictor(copy, b).predict_many(items)] for b in ("onnx", "onnx-int8"))
     diff = np.abs(np.subtract(f32, i8))
     assert np.std(i8) > 1 and 0 < np.median(diff) < 0.1 * np.std(f32)  # a different model, close on a typical image
-    out = subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict",
+    out = subprocess.run([sys.executable, "-m", "boneage", "predict",
                           str(df.path[0]), "--sex", "F", "--model", str(copy), "--backend", "onnx-int8", "--format", "json"],
                          capture_output=True, text=True)
     # the gate's threshold was fitted on float32 features, so an int8 score near it may tip into a warning
     row = json.loads(out.stdout)[0]
     assert out.returncode in (0, 1) and row["status"] in ("ok", "warning") and row["bone_age_months"] > 0, out.stderr[-2000:]
+
+
+def test_the_prediction_path_loads_neither_pandas_nor_tensorflow(bundle_dir, hand):
+    "The default install predicts with ONNX Runtime alone: importing and running `boneage predict` loads no table or training library."
+    _, test = hand
+    heavy = "sorted(m for m in ('pandas', 'tensorflow', 'keras', 'jax', 'sklearn', 'matplotlib') if m in sys.modules)"
+    code = (f"import sys, boneage.inference, boneage.batch; print({heavy}); from boneage.cli import main; "
+            f"code = main(['predict', sys.argv[1], '--sex', 'F', '--model', sys.argv[2], '--no-progress', '--format', 'csv']); "
+            f"print(code, {heavy})")
+    r = subprocess.run([sys.executable, "-c", code, str(test.path[0]), str(bundle_dir)], capture_output=True, text=True)
+    lines = r.stdout.strip().splitlines()
+    assert lines[0] == "[]" and lines[-1] in ("0 []", "1 []"), r.stdout[-2000:] + r.stderr[-2000:]
+    assert "bone_age_months" in lines[1]  # it did predict
+
+
+def test_keras_without_its_extra_is_one_line(bundle_dir, hand, tmp_path):
+    "On the prediction-only install (no Keras), the Keras backend and Grad-CAM each say in one line what to install."
+    _, test = hand
+    code = "import sys; sys.modules['keras'] = None; from boneage.cli import main; sys.exit(main(sys.argv[1:]))"
+    for option, needs in ((["--backend", "keras"], "--backend keras"), (["--explain", str(tmp_path / "cams")], "--explain (Grad-CAM)")):
+        r = subprocess.run([sys.executable, "-c", code, "predict", str(test.path[0]), "--sex", "F", "--model", str(bundle_dir), *option],
+                           capture_output=True, text=True)
+        assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
+        assert r.stderr.strip() == f'boneage predict: {needs} needs Keras, which this install lacks: pip install "boneage[train]"'

@@ -9,7 +9,7 @@ import pytest
 from boneage.cli import main
 from boneage.course import pipeline_notebooks, render_readme
 
-from conftest import ROOT, TINY_RUN as TINY, boneage_run
+from conftest import ROOT, TINY_RUN as TINY, boneage_run, course_copy
 
 PIPELINE = ["00_data", "01_phantom", "02_preprocessing", "03_model", "04_training", "05_evaluation", "06_bias",
             "07_gradcam", "07a_gate", "08_inference", "08a_batch", "10_app", "11_archive"]
@@ -103,8 +103,8 @@ def test_gradcam_gate_and_inference_notebooks(phantom_run):
     assert info["onnx"]["max_abs_diff_months"] < 0.01 and (out / "model" / "model.onnx").stat().st_size > 1e6
 
 
-def test_rerun_reuses_phantom_cache_and_model(phantom_run):
-    out, _ = phantom_run
+def test_rerun_reuses_phantom_cache_and_model(phantom_run, tmp_path):
+    out = course_copy(phantom_run, tmp_path / "course")  # the same images (linked), cache and model
     before = {p: p.stat().st_mtime_ns for p in [out / "phantom" / "images" / "1.png", *(out / "cache").glob("*.npy"),
                                                 out / "model" / "best.keras"]}
     r = boneage_run(out, *TINY, "--only", "02", "04")
@@ -121,18 +121,6 @@ def run_from_nbs(nbs, name, timeout=900):
     except Exception as e: return nb, e
 
 
-def test_notebooks_after_training_run_from_nbs_with_their_defaults(phantom_run, tmp_path):
-    "A student's layout: nbs/ beside the course's output folder, as `boneage run` left it; each notebook runs as it is."
-    out, _ = phantom_run
-    shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
-    shutil.copytree(out, tmp_path / "Bone_age_prediction", symlinks=True)
-    shutil.rmtree(tmp_path / "Bone_age_prediction" / "notebooks")
-    for name in ["05_evaluation", "06_bias", "07_gradcam", "07a_gate", "08_inference", "08a_batch", "10_app", "11_archive"]:
-        nb, e = run_from_nbs(tmp_path / "nbs", name)
-        assert e is None, f"{name}: {str(e)[-1500:]}"
-    assert json.loads((tmp_path / "Bone_age_prediction" / "08_inference.json").read_text())["n_test"] == 31
-
-
 def test_a_notebook_opened_too_early_says_which_to_run_first(tmp_path):
     shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
     for name, first in (("05_evaluation", "00_data"), ("02_preprocessing", "00_data")):
@@ -147,13 +135,16 @@ def test_a_notebook_opened_too_early_says_which_to_run_first(tmp_path):
                              "run the training notebook (04_training) first"]
 
 
-def test_an_interrupted_course_run_resumes_training(tmp_path):
-    out = tmp_path / "run"
-    args = [*TINY[:-2], "--epochs", "6", "--only", "00", "02", "04"]
+def test_an_interrupted_course_run_resumes_training(tiny_course, tmp_path):
+    "Killed mid-training (kernel and all), the same command continues from the last finished epoch. From a local weights file."
+    import keras
+    out = course_copy(tiny_course, tmp_path / "run")
+    weights = tmp_path / "xception_notop.weights.h5"  # what an offline user passes instead of "imagenet"
+    keras.applications.Xception(include_top=False, weights=None, input_shape=(72, 72, 3)).save_weights(weights)
+    args = [*TINY[:-2], "--epochs", "6", "--only", "04", "--weights", str(weights), "--batch-size", "4", "--learning-rate", "1e-4"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    p = subprocess.Popen([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "run", "--out",
-                          str(out), "--no-progress", *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
-                         start_new_session=True)
+    p = subprocess.Popen([sys.executable, "-m", "boneage", "run", "--out", str(out), "--no-progress", *args],
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     state = out / "model" / "checkpoint" / "state.json"
     deadline = time.time() + 600
     while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 2): time.sleep(0.2)
@@ -164,20 +155,30 @@ def test_an_interrupted_course_run_resumes_training(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"epoch {done + 1}/6" in r.stdout and "epoch 1/6" not in r.stdout
     assert pd.read_csv(out / "model" / "history.csv").epoch.tolist() == [1, 2, 3, 4, 5, 6]
+    config = json.loads((out / "model" / "training.json").read_text())["config"]
+    assert config["weights"] == str(weights) and config["batch_size"] == 4 and config["learning_rate"] == 1e-4
+    assert config["pooling"] == "max" and config["head_width"] == 10  # pretrained weights: the reference's head
 
 
-def test_the_course_on_jax(tmp_path):
+def test_the_course_on_jax(tiny_course, tmp_path):
+    "The one JAX training of a test run: mixed float16, data parallel on two (emulated) devices, through the ONNX export."
     pytest.importorskip("jax")
-    r = boneage_run(tmp_path, "--n-images", "60", "--phantom-size", "128", "--image-size", "72", "--epochs", "1", backend="jax")
+    out = course_copy(tiny_course, tmp_path / "jax")
+    r = boneage_run(out, *TINY[:-2], "--epochs", "1", "--precision", "mixed_float16", "--devices", "2", "--batch-size", "4",
+                    "--fresh", "--only", "04", "05", "07a", "08", backend="jax", XLA_FLAGS="--xla_force_host_platform_device_count=2")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert json.loads((tmp_path / "04_training.json").read_text())["backend"] == "jax"
-    info = json.loads((tmp_path / "model" / "bundle.json").read_text())
-    assert info["onnx"]["max_abs_diff_months"] < 0.01 and "gate" in info and "conformal" in info
+    assert "starting over" in r.stdout  # the tiny course's TensorFlow model is not resumed
+    w = json.loads((out / "04_training.json").read_text())
+    assert w["backend"] == "jax" and w["precision"] == "mixed_float16" and w["epochs_run"] == 1
+    info = json.loads((out / "model" / "bundle.json").read_text())
+    assert info["training"]["precision"] == "mixed_float16"
+    assert json.loads((out / "model" / "training.json").read_text())["devices"] == 2
+    assert info["onnx"]["max_abs_diff_months"] < 0.01 and "gate" in info and "conformal" in info  # the bundle serves float32
 
 
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
-    r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1",
-                    "--only", "00", "01", "02", "04", "05", "06", "07", "07a", "08")
+    r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1", "--freeze-backbone",
+                    "--no-sex", "--only", "00", "01", "02", "04", "05", "06", "07", "07a", "08")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
@@ -185,6 +186,8 @@ def test_run_on_real_radiographs(rsna_sample, tmp_path):
     assert json.loads((tmp_path / "01_phantom.json").read_text())["real_images_shown"] is True
     assert not (tmp_path / "phantom").exists()  # real data: no phantom generated
     assert json.loads((tmp_path / "04_training.json").read_text())["epochs_run"] == 1
+    config = json.loads((tmp_path / "model" / "training.json").read_text())["config"]
+    assert config["trainable_backbone"] is False and config["use_sex"] is False
     assert json.loads((tmp_path / "metrics.json").read_text())["data"] == "rsna-sample, 6 test images"
     info = json.loads((tmp_path / "model" / "bundle.json").read_text())
     assert info["dataset"]["kind"] == "radiographs" and info["dataset"]["n_images"] == 40 and info["dataset"]["folder"] == "rsna-sample"
@@ -237,11 +240,14 @@ def test_every_notebook_links_its_rendered_page():
 
 
 def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course, tmp_path):
-    "EfficientNet with the crop and CLAHE: through Grad-CAM and the gate; `boneage predict` repeats the record exactly."
+    "EfficientNet with the crop and CLAHE: through the model, Grad-CAM and the gate; `boneage predict` repeats the record exactly."
     import csv
-    r = boneage_run(tmp_path, *TINY, "--backbone", "EfficientNetB0", "--crop", "--clahe", "--epochs", "1",
-                    "--only", "00", "02", "04", "05", "07", "07a", "08")
+    tmp_path = course_copy(tiny_course, tmp_path / "course")
+    r = boneage_run(tmp_path, *TINY, "--backbone", "EfficientNetB0", "--crop", "--clahe", "--epochs", "2", "--unfreeze-after", "1",
+                    "--workers", "1", "--only", "00", "01", "02", "03", "04", "05", "06", "07", "07a", "08")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "03_model.json").read_text())["backbone"] == "EfficientNetB0"
+    assert json.loads((tmp_path / "model" / "training.json").read_text())["config"]["unfreeze_after"] == 1
     info = json.loads((tmp_path / "model" / "bundle.json").read_text())
     assert info["training"]["backbone"] == "EfficientNetB0" and info["preprocessing"]["crop"] and info["preprocessing"]["clahe"]
     assert json.loads((tmp_path / "07_gradcam.json").read_text())["layer"] == "top_activation"
@@ -249,7 +255,7 @@ def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course,
     split = pd.read_csv(tmp_path / "split.csv").set_index("id")
     manifest = tmp_path / "m.csv"
     manifest.write_text("path,sex\n" + "".join(f"{tmp_path / split.path[i]},{'M' if m else 'F'}\n" for i, m in zip(test.id, test.male)))
-    p = subprocess.run([sys.executable, "-c", "import sys; from boneage.cli import main; sys.exit(main())", "predict", "--no-progress",
+    p = subprocess.run([sys.executable, "-m", "boneage", "predict", "--no-progress",
                         "--manifest", manifest, "--model", tmp_path / "model", "--format", "csv", "--out", tmp_path / "p.csv",
                         "--explain", tmp_path / "cams", "--no-gate"], capture_output=True, text=True)
     assert p.returncode in (0, 1), p.stderr[-2000:]
@@ -259,8 +265,7 @@ def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course,
 
 
 def test_the_approach_comparison_runs_by_name(tiny_course, tmp_path):
-    out, _ = tiny_course
-    course = tmp_path / "course"; shutil.copytree(out, course, symlinks=True)
+    course = course_copy(tiny_course, tmp_path / "course")
     r = boneage_run(course, *TINY[:-2], "--epochs", "1", "--only", "approaches")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     from boneage.approaches import VARIANTS
@@ -268,3 +273,12 @@ def test_the_approach_comparison_runs_by_name(tiny_course, tmp_path):
     assert [x["approach"] for x in results] == list(VARIANTS) and all(x["epochs_run"] == 1 for x in results)
     md = (course / "approaches.md").read_text()
     assert "| Xception + ROI crop | " in md and "| EfficientNet-B4, frozen backbone ¹ |" in md and "random weights, 1 epoch each" in md
+
+
+def test_every_run_option_is_tried_by_a_course_run():
+    "Each option `boneage run --help` lists is passed by at least one of the course runs above (or the tiny run they share)."
+    from boneage.cli import _parser
+    run = _parser()._subparsers._group_actions[0].choices["run"]
+    options = [o for a in run._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
+    tests = (ROOT / "tests" / "test_notebooks.py").read_text() + (ROOT / "tests" / "conftest.py").read_text()
+    assert len(options) > 15 and [o for o in options if f'"{o}"' not in tests] == []

@@ -121,13 +121,18 @@ def test_a_new_data_set_replaces_the_old_only_once_it_is_complete(tmp_path, monk
 
 
 def test_drawing_code_is_part_of_the_recipe(tmp_path, monkeypatch):
-    from boneage import phantom_dataset
+    "The recipe hashes every module that decides what a phantom set holds: edit either, and the set is drawn anew."
+    from boneage import data, phantom_dataset
     d = make_phantom_dataset(tmp_path / "ph", n=4, size=64, seed=1, progress=False, n_jobs=1)
-    assert phantom_recipe(d)["code"] == phantom_dataset._code_fingerprint()
-    monkeypatch.setattr(phantom_dataset, "_code_fingerprint", lambda: "edited")
-    mtime = (d / "labels.csv").stat().st_mtime_ns
-    make_phantom_dataset(d, n=4, size=64, seed=1, progress=False, n_jobs=1)
-    assert phantom_recipe(d)["code"] == "edited" and (d / "labels.csv").stat().st_mtime_ns != mtime  # drawn anew
+    assert phantom_recipe(d)["code"] == data.code_fingerprint("boneage.phantom", "boneage.phantom_dataset")
+    for edited in ("boneage.phantom", "boneage.phantom_dataset"):  # the drawing; the ages, sexes and layout
+        monkeypatch.setattr(phantom_dataset, "code_fingerprint",
+                            lambda *modules, e=edited: data.code_fingerprint(*modules) + ("-edited" if e in modules else ""))
+        mtime = (d / "labels.csv").stat().st_mtime_ns
+        make_phantom_dataset(d, n=4, size=64, seed=1, progress=False, n_jobs=1)
+        assert phantom_recipe(d)["code"].endswith("-edited") and (d / "labels.csv").stat().st_mtime_ns != mtime, edited
+        monkeypatch.undo()
+        make_phantom_dataset(d, n=4, size=64, seed=1, progress=False, n_jobs=1)  # back to the real code: drawn again
     assert phantom_recipe(d / "images" / "1.png") == phantom_recipe(d) and phantom_recipe(tmp_path) is None
 
 

@@ -110,7 +110,7 @@ def test_cache_key_follows_the_code(tmp_path, monkeypatch):
     from boneage import preprocess
     paths = _images(tmp_path / "img", 2)
     before = cache_key(paths, 32)
-    monkeypatch.setattr(preprocess, "_code_fingerprint", lambda: "edited")
+    monkeypatch.setattr(preprocess, "code_fingerprint", lambda *modules: "edited")
     assert cache_key(paths, 32) != before  # prepared by other code: not reused
 
 
@@ -188,3 +188,4 @@ def test_cache_on_real_radiographs(rsna_sample, tmp_path):
     assert cache[:, :, :5].max() == 0 and cache[:, :, 60:68].mean() > 20
     cropped, _ = build_cache(df.path, preprocessing_spec(128, crop=True), tmp_path, progress=False)
     assert cropped[:, :, 20:108].mean() > cache[:, :, 20:108].mean()  # cropped: more hand in the middle
+

@@ -245,3 +245,24 @@ def test_real_radiographs_in_every_format_read_alike(rsna_sample, tmp_path):
         write_dicom(tmp_path / "a.dcm", img.astype(np.uint16) * 16)
         for f in ("a.jpg", "a16.png", "a16.tif", "a.dcm"):
             assert corr(read_image(tmp_path / f).pixels, img) > 0.98, (p.name, f)
+
+
+# The EXIF orientations as the standard defines them (what the reader did by hand before it used Pillow's exif_transpose):
+# the operation that turns the stored pixels into the picture a viewer shows.
+EXIF_TURNS = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: np.swapaxes(a, 0, 1), 6: lambda a: np.rot90(a, 3), 7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+              8: lambda a: np.rot90(a, 1)}
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_every_exif_orientation_gives_the_pixels_the_standard_defines(tmp_path, mode):
+    "Pillow's `exif_transpose` turns each of the eight orientations exactly as the table above: same pixels, lossless PNG."
+    from PIL import Image
+    stored = np.random.default_rng(0).integers(0, 256, (30, 20), dtype=np.uint8)  # not square: a wrong turn changes the shape
+    for orientation, turn in EXIF_TURNS.items():
+        im = Image.fromarray(stored).convert(mode)
+        exif = im.getexif(); exif[0x0112] = orientation
+        im.save(tmp_path / f"o{orientation}.png", exif=exif)
+        r = read_image(tmp_path / f"o{orientation}.png")
+        np.testing.assert_array_equal(r.pixels, turn(stored), err_msg=f"orientation {orientation}")
+        assert (f"EXIF orientation {orientation} applied" in r.notes) == (orientation != 1)
