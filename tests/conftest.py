@@ -42,6 +42,12 @@ def shared(tmp_path_factory, name):
     return root / name, FileLock(str(root / f"{name}.lock"))
 
 
+@pytest.fixture
+def one_ray_at_a_time(tmp_path_factory):
+    "Hold the run's Ray lock: two local Ray clusters started at once by two test processes break each other (and the kill test stops every Ray)."
+    with shared(tmp_path_factory, "ray")[1]: yield
+
+
 TINY_CONFIG = dict(epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", head_width=64, batchnorm_momentum=0.9,
                    seed=0, workers=0)
 
@@ -124,7 +130,7 @@ def tiny_course(tmp_path_factory):
     "The whole course at tiny settings, as `boneage run` executes it: the one course of a test run, shared by every test."
     out, lock = shared(tmp_path_factory, "course")
     log = out.with_name("course.stdout")
-    with lock:  # the first process runs it; the others wait for it and read what it printed
+    with lock, shared(tmp_path_factory, "ray")[1]:  # the first process runs it (its archive notebook starts a local Ray)
         if not log.exists():
             r = boneage_run(out, *TINY_RUN)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
 import pandas as pd
 
-pytestmark = pytest.mark.xdist_group("ray")  # one local Ray at a time: these run in one test process, one after another
+# One local Ray at a time: these run in one test process, one after another, each holding the run's Ray lock.
+pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("one_ray_at_a_time")]
 
 
 def boneage(*args, **kw):

@@ -44,7 +44,7 @@ def test_predict_speed(bundle_dir, rsna_sample):
 
 
 @pytest.mark.xdist_group("ray")  # with the archive tests: one local Ray at a time
-def test_archive_speed(bundle_dir, trained_phantom):
+def test_archive_speed(bundle_dir, trained_phantom, one_ray_at_a_time):
     pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
     _, _, data, _ = trained_phantom
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "archive.py"), "--images", data / "images", "--bundle", bundle_dir,

@@ -4,7 +4,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need
+from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need, shared
 
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
 pytestmark = pytest.mark.xdist_group("docs")  # one test process builds the site these tests share
@@ -12,13 +12,17 @@ pytestmark = pytest.mark.xdist_group("docs")  # one test process builds the site
 
 @pytest.fixture(scope="module")
 def site(tiny_course, tmp_path_factory):
-    "`boneage docs` as a user runs it, on the tiny course (its executed notebooks are current, so it builds without rerunning)."
+    "`boneage docs` as a user runs it, on the tiny course (its executed notebooks are current, so it builds without rerunning); built once a run."
     out, _ = tiny_course
-    dest = tmp_path_factory.mktemp("site") / "site"
-    r = subprocess.run([sys.executable, "-m", "boneage", "docs", "--out", str(out), "--dest", str(dest), "--no-progress"],
-                       capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 0 and f"site: {dest / 'index.html'}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "executing the course" not in r.stdout  # the tiny course's notebooks were used, not run again
+    folder, lock = shared(tmp_path_factory, "site")
+    dest = folder / "site"
+    with lock:
+        if not (folder / "done").exists():
+            r = subprocess.run([sys.executable, "-m", "boneage", "docs", "--out", str(out), "--dest", str(dest), "--no-progress"],
+                               capture_output=True, text=True, cwd=ROOT)
+            assert r.returncode == 0 and f"site: {dest / 'index.html'}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+            assert "executing the course" not in r.stdout  # the tiny course's notebooks were used, not run again
+            (folder / "done").touch()
     return dest, out
 
 
