@@ -6,8 +6,7 @@ import pytest
 pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
 import pandas as pd
 
-# One local Ray at a time: these run in one test process, one after another, each holding the run's Ray lock.
-pytestmark = [pytest.mark.xdist_group("ray"), pytest.mark.usefixtures("one_ray_at_a_time")]
+pytestmark = pytest.mark.usefixtures("one_ray_at_a_time")  # one local Ray at a time, whichever test process runs them
 
 
 def boneage(*args, **kw):

@@ -43,7 +43,6 @@ def test_predict_speed(bundle_dir, rsna_sample):
     assert not (Path(bundle_dir) / "model-int8.onnx").exists()  # in a temporary copy: the bundle is left as it was
 
 
-@pytest.mark.xdist_group("ray")  # with the archive tests: one local Ray at a time
 def test_archive_speed(bundle_dir, trained_phantom, one_ray_at_a_time):
     pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
     _, _, data, _ = trained_phantom

@@ -7,7 +7,6 @@ import pytest
 from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need, shared
 
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
-pytestmark = pytest.mark.xdist_group("docs")  # one test process builds the site these tests share
 
 
 @pytest.fixture(scope="module")
