@@ -7,7 +7,7 @@ __all__ = ['NOISE', 'COURSE_CAPTION', 'PROJECT_PAGES', 'RESULT_FIGURES', 'DocsEr
            'clean_for_site', 'copy_linked_files', 'toctree_cell', 'results_page', 'api_pages', 'build_site']
 
 # %% ../nbs/92_docs.ipynb
-import json, os, re, shutil
+import json, re, shutil
 from pathlib import Path
 
 # %% ../nbs/92_docs.ipynb
@@ -147,12 +147,11 @@ def _execute(nb_path, timeout=600):
     return nb
 
 def _keep(nb, path):
-    "Write an executed notebook to `path` whole (through a temporary file), for the next build to reuse; returns it."
+    "Write an executed notebook to `path` whole, for the next build to reuse; returns it."
     import nbformat
+    from boneage.data import atomic_write_text
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    nbformat.write(nb, tmp)
-    os.replace(tmp, path)
+    atomic_write_text(path, nbformat.writes(nb))
     return nb
 
 def _replaceable(dest):
