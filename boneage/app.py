@@ -88,7 +88,7 @@ def render_page(prov, results=None):
 def render_results(results):
     "The results table, with overlays, and a CSV download of the same rows."
     rows = ["<table id='results'><tr><th>image</th><th>sex</th><th>bone age</th><th>interval</th><th>stage</th>"
-            "<th>chronological age</th><th>assessment</th><th>status</th><th>Grad-CAM</th></tr>"]
+            "<th>chronological age</th><th>assessment</th><th>status</th><th>where the model looked (Grad-CAM)</th></tr>"]
     for r in results:
         age = "—" if r["bone_age_months"] is None else f"{r['bone_age_months']:.1f} months ({r['bone_age_years']:.1f} y)"
         interval = "—" if r["interval_low"] is None else f"{r['interval_low']:.0f}–{r['interval_high']:.0f} ({r['coverage']:.0%})"
@@ -100,7 +100,9 @@ def render_results(results):
                     f"<td class='{r['status']}'>{r['status']}<br><small>{_esc(why)}</small></td><td>{cam}</td></tr>")
     buf = io.StringIO(); w = csv.DictWriter(buf, FIELDS, extrasaction="ignore"); w.writeheader(); w.writerows(results)
     link = f"<p><a id='csv' download='bone_ages.csv' href='data:text/csv;base64,{base64.b64encode(buf.getvalue().encode()).decode()}'>Download these rows as CSV</a></p>"
-    return "\n".join(rows) + "</table>" + link
+    caveat = ("<p class='caveat'>A heat map shows where the model looked, not proof of what it read: a model can look at the "
+              "right bones and still be wrong.</p>") if any(r["overlay"] for r in results) else ""
+    return "\n".join(rows) + "</table>" + caveat + link
 
 # %% ../nbs/10_app.ipynb
 def _uploads(files, limit):

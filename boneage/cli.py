@@ -56,6 +56,7 @@ def _run_parser(sub):
     r.add_argument("--backbone", help="keras.applications backbone (default Xception)")
     r.add_argument("--weights", help="'imagenet' or a local backbone weights file (default: random initialisation)")
     r.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    r.add_argument("--lr-schedule", choices=["constant", "cosine"], help="learning rate: constant, or a cosine decay to 0 (default cosine)")
     r.add_argument("--precision", choices=["auto", "float32", "mixed_float16", "mixed_bfloat16"],
                    help="training precision (auto: mixed_float16 on a GPU, float32 on a CPU)")
     r.add_argument("--freeze-backbone", action="store_true", default=None, help="train the head only")
@@ -92,7 +93,7 @@ def _predict_parser(sub):
     pr.add_argument("--format", choices=["table", "csv", "json", "jsonl"], default="table",
                     help="jsonl: one complete JSON object per line, valid even if the run is killed")
     pr.add_argument("--out", help="write results to this file (as they come) instead of the terminal")
-    pr.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR")
+    pr.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay per image into DIR (where the model looked, not proof of what it read)")
     pr.add_argument("--batch-size", type=positive_int, default=8)
     pr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -127,7 +128,7 @@ def _parser():
 
 # %% ../nbs/91_cli.ipynb
 RUN_PARAMS = ("n_images", "phantom_size", "image_size", "crop", "clahe", "seed", "epochs", "batch_size", "backbone",
-              "weights", "learning_rate", "precision", "freeze_backbone", "unfreeze_after", "use_sex", "workers", "devices")
+              "weights", "learning_rate", "lr_schedule", "precision", "freeze_backbone", "unfreeze_after", "use_sex", "workers", "devices")
 
 def _run(args):
     need("course")

@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['SEX_SPELLINGS', 'MAX_BONE_AGE_MONTHS', 'AGE_BANDS_YEARS', 'STAGES', 'STAGE_EDGES_YEARS', 'BoneAgeError', 'InputError',
-           'parse_sex', 'parse_age', 'age_months_between', 'band_labels', 'age_band_index', 'stage_index', 'stage_name',
-           'interval_half_width', 'prediction_interval', 'assessment']
+           'parse_sex', 'parse_age', 'clip_bone_age', 'age_months_between', 'band_labels', 'age_band_index',
+           'stage_index', 'stage_name', 'interval_half_width', 'prediction_interval', 'assessment']
 
 # %% ../nbs/00a_clinical.ipynb
 import math
@@ -45,6 +45,11 @@ def parse_age(value, source=None, what="chronological age"):
         raise InputError(f"{_where(source)}{what} {value!r} months is outside 0–{MAX_BONE_AGE_MONTHS} "
                          "(bone age is assessed up to 20 years)")
     return age
+
+# %% ../nbs/00a_clinical.ipynb
+def clip_bone_age(months):
+    "Bone ages (months) put into the valid range 0–`MAX_BONE_AGE_MONTHS`: a network's output, never a negative age."
+    return np.clip(np.asarray(months, float), 0, MAX_BONE_AGE_MONTHS)
 
 # %% ../nbs/00a_clinical.ipynb
 def age_months_between(birth, study):

@@ -146,7 +146,7 @@ def find_rsna_sample():
 
 # %% ../nbs/00_data.ipynb
 SPLIT_FRACTIONS = {"train": 0.70, "valid": 0.10, "calib": 0.05, "test": 0.15}
-PHANTOM_SPLIT_FRACTIONS = {"train": 0.28, "valid": 0.06, "calib": 0.14, "test": 0.52}
+PHANTOM_SPLIT_FRACTIONS = {"train": 0.60, "valid": 0.10, "calib": 0.10, "test": 0.20}
 
 def age_sex_strata(df, n_age_bins=10, min_per_stratum=20):
     "A stratum label per row: sex crossed with age quantile bins, coarse enough that every stratum is filled."

@@ -5,9 +5,9 @@
 # %% auto 0
 __all__ = ['REFERENCE', 'REFERENCE_TARGETS', 'METRICS_FILE', 'RESULTS_FILE', 'regression_metrics', 'bootstrap_cis',
            'bootstrap_ci', 'regression_cis', 'age_band', 'mae_by_age_band', 'stage', 'stage_metrics',
-           'conformal_quantile', 'fit_conformal', 'check_same_split', 'load_predictions', 'plot_predictions',
-           'plot_residuals', 'plot_band_errors', 'plot_confusion', 'results_markdown', 'predictions_fingerprint',
-           'write_results']
+           'conformal_quantile', 'fit_conformal', 'check_same_split', 'load_predictions', 'reference_points',
+           'plot_predictions', 'plot_residuals', 'plot_band_errors', 'plot_confusion', 'results_markdown',
+           'predictions_fingerprint', 'write_results']
 
 # %% ../nbs/05_evaluation.ipynb
 import json
@@ -127,6 +127,15 @@ def load_predictions(model, df, cache, splits=("valid", "calib", "test")):
     return pd.concat(rows, ignore_index=True)
 
 # %% ../nbs/05_evaluation.ipynb
+def reference_points(y_true, y_pred, train_mean, drawn=None):
+    "Test MAE of the model beside no skill (always the training mean) and, given the drawn ages, the oracle's floor."
+    y = np.asarray(y_true, float)
+    points = {"no skill (always the training mean)": float(np.mean(np.abs(y - train_mean))),
+              "this model": float(np.mean(np.abs(np.asarray(y_pred, float) - y)))}
+    if drawn is not None: points["floor (an oracle reading the drawn age)"] = float(np.mean(np.abs(np.asarray(drawn, float) - y)))
+    return points
+
+# %% ../nbs/05_evaluation.ipynb
 def plot_predictions(y_true, y_pred, path=None, band=12):
     "Predicted vs true bone age with the identity line and a ±`band`-month band."
     import matplotlib.pyplot as plt
@@ -212,6 +221,9 @@ def results_markdown(metrics):
                       f"{c['calibrated_on']} images; global half-width {c['half_width']:.1f} months; coverage on the test split "
                       f"{c['test_coverage']:.1%}." + (" Calibrated on the validation split, which also chose the checkpoint: the "
                       "coverage may be optimistic." if c["calibrated_on"] != "calib" else "")]
+    points = metrics.get("reference_points") or {}
+    if points:
+        lines += ["", "Test MAE between its baselines: " + "; ".join(f"{k} {v:.2f} months" for k, v in points.items()) + "."]
     if bias.get("verdict"): lines += ["", bias["verdict"]]
     return "\n".join(lines) + "\n"
 

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 
 from .bundle import BUNDLE_FILE, Bundle, BundleError, default_model_dir, load_bundle, write_bundle_info
-from .clinical import BoneAgeError, age_months_between, assessment, parse_age, parse_sex, prediction_interval, stage_name
+from .clinical import (MAX_BONE_AGE_MONTHS, BoneAgeError, age_months_between, assessment, clip_bone_age, parse_age,
+                              parse_sex, prediction_interval, stage_name)
 from .gate import check_radiograph, feature_scores, load_gate, looks_inverted
 from .phantom_dataset import phantom_folder
 from .preprocess import xception_scale
@@ -282,7 +283,10 @@ class Predictor:
 def _finish(predictor, result, months, features):
     "Fill a result with its bone age, interval, stage and learned gate score."
     b = predictor.bundle
-    result.bone_age_months = float(np.mean(months))
+    raw = float(np.mean(months))
+    result.bone_age_months = float(clip_bone_age(raw))
+    if result.bone_age_months != raw:
+        result.notes.append(f"the model answered {raw:.1f} months, outside 0–{MAX_BONE_AGE_MONTHS}: clipped to {result.bone_age_months:.0f}")
     if b.info.get("conformal"):
         lo, hi = prediction_interval([result.bone_age_months], b.info["conformal"])
         if np.isfinite(hi[0]): result.interval_low, result.interval_high, result.coverage = float(lo[0]), float(hi[0]), b.info["conformal"]["coverage"]

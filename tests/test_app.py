@@ -128,6 +128,7 @@ def test_the_page_in_a_browser(bundle_dir, images, tmp_path):
             assert re.search(r"\d+\.\d months \(\d+\.\d y\)", first) and "108" in first and ("ok" in first or "warning" in first)
             assert "error" in broken and "not a PNG, JPEG, TIFF or DICOM image" in broken
             assert page.eval_on_selector("img.cam", "e => e.naturalWidth") > 100
+            assert "where the model looked, not proof of what it read" in page.inner_text("p.caveat")
             (ROOT / "docs" / "_build" / "artifacts").mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(ROOT / "docs" / "_build" / "artifacts" / "app.png"), full_page=True)
             browser.close()

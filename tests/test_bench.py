@@ -32,6 +32,22 @@ def test_gpu_train_runs_the_real_training_on_a_cpu(tmp_path):
     assert out["n_train"] == 8 and out["epochs"] == 1 and out["bundle_dtype"] == "float32"
 
 
+def test_time_to_accuracy_prints_test_mae_per_epoch(tmp_path):
+    out = bench("time_to_accuracy.py", "--config", "40,64,2,cosine", "--work", tmp_path)
+    assert out["split"] == {"train": 24, "valid": 4, "calib": 4, "test": 8} and out["schedule"] == "cosine"
+    assert [r["epoch"] for r in out["rows"]] == [1, 2] and out["rows"][0]["minutes"] < out["rows"][1]["minutes"]
+    assert 0 < out["floor_mae"] < 6 and all(r["test_mae"] > 0 for r in out["rows"])
+
+
+def test_gpu_reference_runs_on_a_cpu(tmp_path):
+    out = bench("gpu_reference.py", "--n-images", 100, "--size", 64, "--batch", 8, "--epochs", 1, "--minutes", 1,
+                "--n-scored", 4, "--precision", "float32", "--workers", 1, "--work", tmp_path / "work", "--out", tmp_path / "out")
+    assert out["data"]["split"] == {"train": 70, "valid": 10, "calib": 5, "test": 15} and out["training"]["epochs_run"] == 1
+    assert out["test"]["predicted_range"][0] >= 0 and out["floor"]["oracle_mae"] < out["floor"]["baseline_mae_mean_age"]
+    assert {(r["stride"], r["method"], r["map"]) for r in out["localisation"]["by_layer"]} >= {(8, "hirescam", "signed")}
+    assert all((tmp_path / "out" / f).stat().st_size > 10_000 for f in out["figures"])
+
+
 def test_predict_speed(bundle_dir, rsna_sample):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "predict.py"), "--bundle", bundle_dir, "--batch", "4",
                         "--passes", "1", "--repeats", "1", "--backends", "onnx", "onnx-int8"], capture_output=True, text=True,

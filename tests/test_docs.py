@@ -74,7 +74,7 @@ def test_pages_show_executed_outputs_and_no_machine_paths(site):
     training = (s / "04_training.html").read_text()
     assert "<img" in training and "epoch 2/2" in training  # the learning curves and the epoch lines of the run
     results = (s / "results.html").read_text()
-    assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 31 test images)" in results
+    assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 12 test images)" in results
     assert "95% CI" in results and "one run on one machine" in results
     for page in pages(s):
         text = (s / page).read_text()

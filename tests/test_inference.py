@@ -218,3 +218,13 @@ def test_keras_without_its_extra_is_one_line(bundle_dir, hand, tmp_path):
                            capture_output=True, text=True)
         assert r.returncode == 2 and r.stdout == "", r.stderr[-2000:]
         assert r.stderr.strip() == f'boneage predict: {needs} needs Keras, which this install lacks: pip install "boneage[train]"'
+
+
+def test_an_age_outside_the_valid_range_is_clipped_and_says_so():
+    from types import SimpleNamespace
+    from boneage.inference import BoneAgePrediction, _finish, as_dict
+    predictor = SimpleNamespace(bundle=SimpleNamespace(info={}), features=None)
+    young = _finish(predictor, BoneAgePrediction("a.png", True), np.array([-2.4]), None)
+    assert young.bone_age_months == 0 and "answered -2.4 months, outside 0–240: clipped to 0" in as_dict(young)["notes"]
+    fine = _finish(predictor, BoneAgePrediction("b.png", True), np.array([100.0, 102.0]), None)
+    assert fine.bone_age_months == 101 and fine.notes == []

@@ -12,7 +12,7 @@ from boneage.course import pipeline_notebooks, render_readme
 from conftest import ROOT, TINY_RUN as TINY, boneage_run, course_copy
 
 PIPELINE = ["00_data", "01_phantom", "02_preprocessing", "03_model", "04_training", "05_evaluation", "06_bias",
-            "07_gradcam", "07a_gate", "08_inference", "08a_batch", "10_app", "11_archive"]
+            "07_gradcam", "07a_gate", "07b_transfer", "08_inference", "08a_batch", "10_app", "11_archive"]
 
 
 def errors(nb_path):
@@ -62,7 +62,7 @@ def test_training_notebook(phantom_run):
     out, r = phantom_run
     w = json.loads((out / "04_training.json").read_text())
     assert w["backend"] == "tensorflow" and w["precision"] == "float32" and w["epochs_run"] == 2 and w["image_size"] == 72
-    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 31
+    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 12
     assert (out / "model" / "best.keras").exists() and (out / "training_history.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / "model" / "history.csv")) == 2
     assert "epoch 2/2" in r.stdout and "interrupted in epoch 2" in r.stdout  # the resume demonstration ran
@@ -71,19 +71,19 @@ def test_training_notebook(phantom_run):
 def test_evaluation_and_bias_notebooks(phantom_run):
     out, _ = phantom_run
     m = json.loads((out / "metrics.json").read_text())
-    assert m["data"] == "phantom, 31 test images" and m["regression"]["n"] == 31 and m["data_kind"] == "phantom"
+    assert m["data"] == "phantom, 12 test images" and m["regression"]["n"] == 12 and m["data_kind"] == "phantom"
     assert set(m["regression_ci"]) == {"r2", "mae", "rmse", "within_12"}
     assert m["regression_ci"]["mae"][0] <= m["regression"]["mae"] <= m["regression_ci"]["mae"][1]
     assert set(m["stages"]) >= {"accuracy", "qwk", "recall", "precision", "confusion", "ci"}
     preds = pd.read_csv(out / "predictions.csv")
-    assert preds.split.value_counts().to_dict() == {"test": 31, "calib": 8, "valid": 4}
+    assert preds.split.value_counts().to_dict() == {"test": 12, "calib": 6, "valid": 6}
     test = preds[preds.split == "test"]
     assert m["regression"]["mae"] == pytest.approx((test.predicted - test.bone_age_months).abs().mean())
     assert m["conformal"]["calibrated_on"] == "calib" and m["conformal"]["n_calibration"] == 8
     assert m["sex_bias"]["outcome"] in ("bias", "no bias", "inconclusive")
     assert m["sex_bias"]["predictions"] == m["predictions"]  # the bias section belongs to these predictions
     results = (out / "results.md").read_text()
-    assert "this run (phantom, 31 test images)" in results and "reference README (RSNA; split not stated)" in results
+    assert "this run (phantom, 12 test images)" in results and "reference README (RSNA; split not stated)" in results
     assert m["sex_bias"]["verdict"] in results and "Child recall" in results and "R² ≥ 0.92" in results
     for f in ["prediction_scatter.png", "residuals.png", "error_by_age_band.png", "confusion_matrix.png", "sex_bias.png"]:
         assert (out / f).stat().st_size > 5_000, f
@@ -92,14 +92,16 @@ def test_evaluation_and_bias_notebooks(phantom_run):
 def test_gradcam_gate_and_inference_notebooks(phantom_run):
     out, _ = phantom_run
     g = json.loads((out / "07_gradcam.json").read_text())
-    assert g["layer"] == "block14_sepconv2_act" and len(g["figures"]) == 4 and all((out / f).exists() for f in g["figures"])
-    assert g["localisation"]["n_images"] == 31 and g["localisation"]["maximum"] > 1
+    assert g["stride"] == 16 and g["map_size"] == 5 and g["layer"].startswith("add")  # 72 / 16: the end of Xception's middle flow
+    assert len(g["figures"]) == 4 and all((out / f).exists() for f in g["figures"])
+    assert g["localisation"]["n_images"] == 12 and g["localisation"]["maximum"] > 1
+    assert {(r["stride"], r["map"]) for r in g["localisation"]["by_layer"]} == {(32, "signed"), (32, "standard"), (16, "signed"), (16, "standard")}
     gate = json.loads((out / "07a_gate.json").read_text())
     assert gate["quantile"] == 0.99 and gate["threshold"] > 0
     info = json.loads((out / "model" / "bundle.json").read_text())
-    assert info["gate"]["n_threshold"] == 4 and info["gate"]["n_fit"] == 17 and (out / "model" / "gate.npz").exists()
+    assert info["gate"]["n_threshold"] == 6 and info["gate"]["n_fit"] == 36 and (out / "model" / "gate.npz").exists()
     w = json.loads((out / "08_inference.json").read_text())
-    assert w["n_test"] == 31 and info["dataset"]["kind"] == "phantom" and info["stages"]["edges_years"] == [10, 18]
+    assert w["n_test"] == 12 and info["dataset"]["kind"] == "phantom" and info["stages"]["edges_years"] == [10, 18]
     assert info["onnx"]["max_abs_diff_months"] < 0.01 and (out / "model" / "model.onnx").stat().st_size > 1e6
 
 
@@ -244,13 +246,15 @@ def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course,
     import csv
     tmp_path = course_copy(tiny_course, tmp_path / "course")
     r = boneage_run(tmp_path, *TINY, "--backbone", "EfficientNetB0", "--crop", "--clahe", "--epochs", "2", "--unfreeze-after", "1",
-                    "--workers", "1", "--only", "00", "01", "02", "03", "04", "05", "06", "07", "07a", "08")
+                    "--lr-schedule", "constant", "--workers", "1", "--only", "00", "01", "02", "03", "04", "05", "06", "07", "07a", "08")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / "03_model.json").read_text())["backbone"] == "EfficientNetB0"
-    assert json.loads((tmp_path / "model" / "training.json").read_text())["config"]["unfreeze_after"] == 1
+    config = json.loads((tmp_path / "model" / "training.json").read_text())["config"]
+    assert config["unfreeze_after"] == 1 and config["lr_schedule"] == "constant"
     info = json.loads((tmp_path / "model" / "bundle.json").read_text())
     assert info["training"]["backbone"] == "EfficientNetB0" and info["preprocessing"]["crop"] and info["preprocessing"]["clahe"]
-    assert json.loads((tmp_path / "07_gradcam.json").read_text())["layer"] == "top_activation"
+    g = json.loads((tmp_path / "07_gradcam.json").read_text())
+    assert g["layer"].startswith("block6a") and g["stride"] == 16  # EfficientNet's stride-16 cut, found, not named
     test = pd.read_csv(tmp_path / "predictions.csv").query("split == 'test'").head(6)
     split = pd.read_csv(tmp_path / "split.csv").set_index("id")
     manifest = tmp_path / "m.csv"
@@ -282,3 +286,31 @@ def test_every_run_option_is_tried_by_a_course_run():
     options = [o for a in run._actions for o in a.option_strings if o.startswith("--") and o != "--help"]
     tests = (ROOT / "tests" / "test_notebooks.py").read_text() + (ROOT / "tests" / "conftest.py").read_text()
     assert len(options) > 15 and [o for o in options if f'"{o}"' not in tests] == []
+
+
+def test_transfer_notebook_on_the_rsna_sample(phantom_run, rsna_sample):
+    "The tiny course's transfer notebook: the domain gap, 4-fold cross-validation of three starts, a usable fine-tuned bundle."
+    out, _ = phantom_run
+    t = json.loads((out / "07b_transfer.json").read_text())
+    assert t["skipped"] is None and t["n_real"] == 40 and t["n_folds"] == 4
+    assert set(t["domain_gap"]) == {"phantom model, no fine-tuning", "always the mean age"}
+    kfold = pd.read_csv(out / "transfer_kfold.csv")
+    assert kfold.start.tolist() == ["phantom-pretrained", "random", "mean"] and (kfold.n == 40).all()
+    oof = pd.read_csv(out / "transfer_predictions.csv")
+    assert len(oof) == 40 and sorted(oof.fold.value_counts()) == [10, 10, 10, 10] and oof[["phantom-pretrained", "random"]].notna().all().all()
+    for arm in ("phantom-pretrained", "random", "mean"):  # each MAE is the mean over the 40 held-out predictions
+        assert kfold.set_index("start").MAE[arm] == pytest.approx((oof[arm] - oof.bone_age_months).abs().mean(), abs=0.01)
+    info = json.loads((out / "model_real" / "bundle.json").read_text())
+    assert info["dataset"] == {**info["dataset"], "kind": "radiographs", "folder": "rsna-sample", "n_images": 40}
+    assert info["training"]["pretrained"] and info["transfer"]["pretrained_on"].startswith("phantom")
+    assert (out / "transfer_curves.png").stat().st_size > 10_000 and not (out / "transfer").exists()
+
+
+def test_transfer_without_real_data_is_one_line(phantom_run, tmp_path):
+    "No real radiographs: one line says what the notebook needs, and it writes what it could."
+    out = course_copy(phantom_run, tmp_path / "course")
+    r = boneage_run(out, *TINY, "--only", "transfer", BONEAGE_SHARED_DATA=str(tmp_path / "none"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    t = json.loads((out / "07b_transfer.json").read_text())
+    assert t["skipped"].startswith("no real radiographs: pass an RSNA-layout folder") and t["kfold"] is None
+    assert t["skipped"] in r.stdout

@@ -8,7 +8,8 @@ from boneage.data import load_dataset
 from boneage.phantom import (CARPAL, EPIPHYSIS, HAND, BONE, age_region_mask, carpal_centres,
                              count_carpal_centres, epiphysis_stage, growth_plate_mask, open_growth_plates,
                              phantom_radiograph)
-from boneage.phantom_dataset import make_phantom_dataset, phantom_recipe, read_mask, sample_rsna_like, RSNA_MALE_FRACTION
+from boneage.phantom_dataset import (READER_SD_MONTHS, RSNA_MALE_FRACTION, drawn_bone_age, make_phantom_dataset, phantom_recipe,
+                                     read_bone_age, read_mask, sample_rsna_like)
 
 
 def test_deterministic_per_seed():
@@ -56,7 +57,7 @@ def _plate_contrast(img, mask):
 def test_plates_drawn_dark_when_open_and_gone_when_fused():
     open_ = np.mean([_plate_contrast(*phantom_radiograph(120, True, 512, seed=s)) for s in range(3)])
     fused = np.mean([_plate_contrast(*phantom_radiograph(216, True, 512, seed=s)) for s in range(3)])
-    assert open_ < 0.8 < 0.9 < fused
+    assert open_ < 0.87 and fused > 0.95  # blur, grain and exposure vary; open plates stay clearly darker
 
 
 def test_epiphyses_widen_then_cap():
@@ -73,9 +74,12 @@ def test_girls_mature_earlier_at_same_bone_age():
     assert b.sum() > a.sum()
 
 
-def test_hand_grows_with_age():
-    area = [np.mean([((phantom_radiograph(a, True, 256, seed=s)[1] & HAND) > 0).mean() for s in range(4)]) for a in (6, 96, 200)]
-    assert area == sorted(area)
+def test_hand_size_carries_no_age():
+    "Size is drawn at random whatever the age, so the hand's area on the film tells nothing about it."
+    ages = np.random.default_rng(0).integers(1, 230, 60)
+    area = [((phantom_radiograph(int(a), bool(i % 2), 128, seed=i)[1] & HAND) > 0).mean() for i, a in enumerate(ages)]
+    assert abs(np.corrcoef(ages, area)[0, 1]) < 0.2
+    assert max(area) > 1.5 * min(area)  # and it does vary
 
 
 def test_rsna_like_sampling():
@@ -138,7 +142,21 @@ def test_drawing_code_is_part_of_the_recipe(tmp_path, monkeypatch):
 
 def test_given_ages(tmp_path):
     d = make_phantom_dataset(tmp_path / "g", size=80, bone_age_months=[12, 200], male=[True, False], progress=False, n_jobs=1)
-    assert pd.read_csv(d / "labels.csv").boneage.tolist() == [12, 200]
+    assert drawn_bone_age(d, [1, 2]).tolist() == [12, 200]                # drawn at the ages given
+    labels = pd.read_csv(d / "labels.csv").boneage.to_numpy()
+    assert (labels != [12, 200]).any() and (np.abs(labels - [12, 200]) <= 12).all()  # labelled by a reader, within 4 SD
+    exact = make_phantom_dataset(tmp_path / "e", size=80, bone_age_months=[12, 200], male=[True, False], progress=False,
+                                 n_jobs=1, reader_sd=0)
+    assert pd.read_csv(exact / "labels.csv").boneage.tolist() == [12, 200]  # a perfect reader
+
+
+def test_reader_error_sets_the_floor(tmp_path):
+    "The labels stray from the drawn ages by the reader's error: its mean absolute size is the oracle's floor."
+    drawn, _ = sample_rsna_like(5000, seed=3)
+    labels = read_bone_age(drawn, seed=3)
+    assert abs(np.abs(labels - drawn).mean() - READER_SD_MONTHS * np.sqrt(2 / np.pi)) < 0.15
+    assert labels.min() >= 1 and labels.max() <= 239 and np.array_equal(read_bone_age(drawn, seed=3), labels)
+    assert drawn_bone_age(tmp_path, [1]) is None  # not a phantom set
 
 
 def test_missing_mask_is_clear(tmp_path):

@@ -264,3 +264,12 @@ def test_a_padded_validation_batch_counts_every_image_once():
     x, y, w = padded[2]
     assert x["image"].shape[0] == 4 and y.tolist() == [8, 9, 9, 9] and w.tolist() == [1, 1, 0, 0]
     assert sum(padded[i][2].sum() for i in range(3)) == 10  # every image weighted once
+
+
+def test_cosine_schedule_decays_to_zero_over_the_epochs():
+    from boneage.train import TrainConfig, scheduled_learning_rate
+    assert scheduled_learning_rate(TrainConfig(learning_rate=3e-4), 10) == 3e-4  # the reference: constant
+    lr = scheduled_learning_rate(TrainConfig(learning_rate=3e-4, lr_schedule="cosine", epochs=6), 10)
+    assert float(lr(0)) == pytest.approx(3e-4) and float(lr(30)) == pytest.approx(1.5e-4, rel=1e-3) and float(lr(60)) == pytest.approx(0, abs=1e-9)
+    with pytest.raises(ValueError, match="lr_schedule 'step'"):
+        scheduled_learning_rate(TrainConfig(lr_schedule="step"), 10)
