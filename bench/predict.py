@@ -56,7 +56,7 @@ def cold_start(image, bundle, backend, repeats):
         t0 = time.perf_counter()
         r = subprocess.run(cmd, capture_output=True, text=True)
         times.append(time.perf_counter() - t0)
-        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.returncode in (0, 1) and r.stdout.count("\n") == 2, r.stderr[-2000:]  # one row (1: the gate warned about it)
     return statistics.median(times)
 
 

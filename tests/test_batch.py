@@ -145,7 +145,7 @@ def test_rows_written_before_a_kill_survive_as_valid_jsonl(bundle_dir, archive, 
     while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 3): time.sleep(0.05)
     p.send_signal(signal.SIGKILL); p.wait()
     lines = out.read_text().splitlines()
-    assert 3 <= len(lines) < 60 and all(json.loads(l)["status"] == "ok" for l in lines if l.endswith("}"))
+    assert 3 <= len(lines) < 60 and all(json.loads(l)["status"] in ("ok", "warning") for l in lines if l.endswith("}"))  # whole rows
 
 
 def test_a_closed_pipe_is_quiet(bundle_dir, archive):
@@ -160,7 +160,7 @@ def test_explanations_never_overwrite_each_other(bundle_dir, archive, tmp_path):
     d, test = archive
     other = tmp_path / "other"; other.mkdir(); shutil.copy(test.path[2], other / "good0.png")  # the same name, another image
     r = cli(d / "good0.png", other / "good0.png", "--sex", "F", "--model", bundle_dir, "--explain", tmp_path / "cams")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode in (0, 1) and "0 rejected, 0 error" in r.stderr, r.stderr  # the tiny model's gate may warn; both explained
     made = sorted(p.name for p in (tmp_path / "cams").iterdir())
     assert made == ["good0_gradcam-2.png", "good0_gradcam.png"] and all(p.stat().st_size > 5_000 for p in (tmp_path / "cams").iterdir())
 

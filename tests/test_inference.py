@@ -21,7 +21,7 @@ def hand(trained_phantom):
 def test_bundle_describes_training(bundle_dir):
     b = load_bundle(bundle_dir)
     assert b.info["format"] == "boneage-bundle/2" and b.image_size == 72 and b.trained_on_phantom
-    assert b.info["preprocessing"]["scaling"] == "xception" and b.info["dataset"]["n_images"] == 160
+    assert b.info["preprocessing"]["scaling"] == "xception" and b.info["dataset"]["n_images"] == 480
     assert b.info["dataset"]["folder"] == "ph" and "/" not in b.info["dataset"]["folder"]  # no machine path
     assert b.info["training"]["best_epoch"] >= 1 and b.info["package_version"] and b.info["model_dtype"] == "float32"
     assert b.onnx_file().is_file() and b.info["onnx"]["max_abs_diff_months"] < 0.01
