@@ -32,6 +32,7 @@ def main():
     import keras, numpy as np
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from boneage.bundle import _jsonable
     from boneage.data import SPLIT_FRACTIONS, load_dataset, split_dataset
     from boneage.evaluate import regression_metrics, mae_by_age_band
     from boneage.gradcam import feature_layer, heat_maps, localisation_table, maps_and_gradients, phantom_masks, plot_gradcam
@@ -74,8 +75,7 @@ def main():
     metrics["predicted_range"] = [round(float(pred.min()), 1), round(float(pred.max()), 1)]
     floor = {"oracle_mae": round(float(np.mean(np.abs(drawn - y))), 3), "baseline_mae_mean_age":
              round(float(np.mean(np.abs(y - df.bone_age_months[df.split == "train"].mean()))), 3)}
-    bands = [{k: (None if isinstance(v, float) and v != v else v) for k, v in b.items()}  # JSON has no NaN: an empty band is null
-             for b in mae_by_age_band(y, pred).round(2).to_dict(orient="records")]
+    bands = _jsonable(mae_by_age_band(y, pred).round(2).to_dict(orient="records"))  # JSON has no NaN: an empty band is null
     times["predict_s"] = round(time.time() - t0, 1); t0 = time.time()
 
     # Grad-CAM: the best model (float32) against the same network with random weights, at 1/32 and 1/16

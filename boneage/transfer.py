@@ -28,15 +28,19 @@ def real_data(data_dir, bundle):
     return df, None
 
 # %% ../nbs/07b_transfer.ipynb
+def _backbone_pairs(model, base, backbone):
+    "The weighted layers of a bone-age `model`'s backbone, each with its twin in a bare `base` backbone: the same layers in the same order (auto names like conv2d_4 differ)."
+    ours = [l for l in model.layers[:[l.name for l in model.layers].index("pool")] if l.weights]
+    theirs = [l for l in base.layers if l.weights]
+    if [[w.shape for w in l.weights] for l in ours] != [[w.shape for w in l.weights] for l in theirs]:
+        raise ValueError(f"{model.name}: its layers before 'pool' are not a {backbone} backbone")
+    return list(zip(ours, theirs))
+
 def save_backbone_weights(model, backbone, path):
     "Write the backbone part of a trained bone-age `model` as a no-top weights file for `build_model(weights=path)`."
     size = model.inputs[0].shape[1]
     base = getattr(keras.applications, backbone)(include_top=False, weights=None, input_shape=(size, size, 3))
-    ours = [l for l in model.layers[:[l.name for l in model.layers].index("pool")] if l.weights]
-    theirs = [l for l in base.layers if l.weights]  # the same layers in the same order (auto names like conv2d_4 differ)
-    if [[w.shape for w in l.weights] for l in ours] != [[w.shape for w in l.weights] for l in theirs]:
-        raise ValueError(f"{model.name}: its layers before 'pool' are not a {backbone} backbone")
-    for a, b in zip(ours, theirs): b.set_weights(a.get_weights())
+    for a, b in _backbone_pairs(model, base, backbone): b.set_weights(a.get_weights())
     path = Path(path); path.parent.mkdir(parents=True, exist_ok=True)
     base.save_weights(path)
     return path
@@ -64,10 +68,8 @@ def starting_weights(model, backbone_file):
     size, name = model.inputs[0].shape[1], model.name.removeprefix("boneage_")
     base = next(getattr(keras.applications, a) for a in dir(keras.applications) if a.lower() == name)(
         include_top=False, weights=str(backbone_file), input_shape=(size, size, 3))
-    ours = [l for l in model.layers[:[l.name for l in model.layers].index("pool")] if l.weights]
-    theirs = [l for l in base.layers if l.weights]
     weights = {id(l): l.get_weights() for l in model.layers}
-    for a, b in zip(ours, theirs): weights[id(a)] = b.get_weights()
+    for a, b in _backbone_pairs(model, base, name): weights[id(a)] = b.get_weights()
     return [w for l in model.layers for w in weights[id(l)]]
 
 def _restart(model, weights):
