@@ -83,6 +83,7 @@ def plot_approaches(results, path=None):
     mae = np.array([r["mae"] for r in results])[::-1]
     ci = np.array([r["mae_ci"] for r in results])[::-1]
     ax.barh(names, mae, xerr=[mae - ci[:, 0], ci[:, 1] - mae], color="tab:blue", alpha=0.7, capsize=3)
-    ax.set_xlabel("test MAE (months), 95% bootstrap interval"); fig.tight_layout()
+    ax.set_xlabel("test MAE (months), 95% bootstrap interval")
+    ax.set_title(f"The reference's choices, one at a time: {len(results)} approaches on the same split", fontsize=11); fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig

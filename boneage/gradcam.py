@@ -41,7 +41,8 @@ def _is_cut(model, layer):
 
 def feature_layer(model, stride=None):
     "The feature maps Grad-CAM explains: the last layer with 2-D maps (`stride` None), or the last layer at 1/`stride` of the input that the rest of the network depends on alone."
-    layers = [l for l in model.layers if _map_side(l)]
+    # padding layers only frame the maps before a strided convolution: their border is zeros, not features
+    layers = [l for l in model.layers if _map_side(l) and not isinstance(l, keras.layers.ZeroPadding2D)]
     if not layers: raise ValueError(f"{model.name}: no layer with 2-D feature maps to explain")
     if stride is None: return layers[-1].name
     size = model.inputs[0].shape[1]

@@ -146,12 +146,12 @@ class BoneAgePrediction:
     def bone_age_years(self): return None if self.bone_age_months is None else self.bone_age_months / 12
     @property
     def difference_months(self):
-        "Bone age minus chronological age: positive is advanced."
+        "Bone age minus chronological age: positive is ahead."
         if self.bone_age_months is None or self.chronological_age_months is None: return None
         return self.bone_age_months - self.chronological_age_months
     @property
     def assessment(self):
-        "'advanced', 'delayed' or 'in line' (see `boneage.clinical.assessment`), or None without both ages."
+        "Whether the difference is beyond the model's uncertainty (see `boneage.clinical.assessment`), or None without both ages."
         if self.difference_months is None: return None
         return assessment(self.bone_age_months, self.chronological_age_months, self.interval_low, self.interval_high)
 

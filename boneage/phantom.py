@@ -314,6 +314,7 @@ def plot_phantom_vs_real(real_dir=None, ages=(24, 60, 108, 156, 204), size=256, 
             axs[1, i].imshow(im, cmap="gray", vmin=0, vmax=255)
             axs[1, i].set_title(f"RSNA {row.bone_age_months:.0f} mo {'M' if row.male else 'F'}", fontsize=9)
     for a in axs.flat: a.axis("off")
+    fig.suptitle("Phantoms at five bone ages" + (" (top), beside the real RSNA radiographs of the nearest age (bottom)" if real is not None else ""), fontsize=11)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig

@@ -133,7 +133,7 @@ def augment(img, rng, rotation=10.0, shift=0.05, zoom=0.1, brightness=0.1, contr
     M[:, 2] += rng.uniform(-shift, shift, 2) * size
     out = cv2.warpAffine(img, M, (size, size), flags=cv2.INTER_LINEAR, borderValue=0)
     gain, bias = rng.uniform(1 - contrast, 1 + contrast), rng.uniform(-brightness, brightness) * 255
-    return cv2.convertScaleAbs(out, alpha=gain, beta=bias)
+    return cv2.addWeighted(out, gain, out, 0, bias)  # saturates at 0 and 255 (convertScaleAbs would mirror negatives)
 
 # %% ../nbs/02_preprocessing.ipynb
 CACHE_VERSION = 2

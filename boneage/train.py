@@ -368,15 +368,20 @@ def train(df, out_dir, spec, config=None, resume=True, cache=None, callbacks=(),
     return TrainResult(keras.saving.load_model(model_dir / MODEL_FILE), history, model_dir, config, stats)
 
 # %% ../nbs/04_training.ipynb
-def plot_history(history, path=None):
-    "Loss (MSE) and MAE per epoch, training vs validation."
+def plot_history(history, path=None, baseline=None):
+    "Loss (MSE) and MAE per epoch, training vs validation, the best epoch marked; `baseline`: the mean-age answer's {'loss', 'mae'}."
     import matplotlib.pyplot as plt
-    fig, axs = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axs = plt.subplots(1, 2, figsize=(10, 3.8))
+    best = int(history.epoch[history.val_loss.idxmin()]) if "val_loss" in history and history.val_loss.notna().any() else None
     for ax, key, label in ((axs[0], "loss", "MSE loss (months²)"), (axs[1], "mae", "MAE (months)")):
         ax.plot(history.epoch, history[key], "o-", label="training")
         if f"val_{key}" in history: ax.plot(history.epoch, history[f"val_{key}"], "o-", label="validation")
-        ax.set_xlabel("epoch"); ax.set_ylabel(label); ax.legend()
+        if baseline: ax.axhline(baseline[key], color="grey", ls="--", lw=1, label="always the mean age (validation)")
+        if best: ax.axvline(best, color="tab:green", ls=":", lw=1.5, label=f"best epoch ({best})")
+        ax.set_xlabel("epoch"); ax.set_ylabel(label); ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs are whole
     axs[0].set_yscale("log")
+    fig.suptitle(f"Learning curves: {len(history)} epochs" + (f", best epoch {best} (lowest validation loss, the one kept)" if best else ""), fontsize=11)
     fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig

@@ -1,4 +1,4 @@
-import os, shutil
+import os, shutil, subprocess, sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -35,10 +35,15 @@ def rsna_sample(shared_data):
     return shared_data / "rsna-sample"
 
 
-def shared(tmp_path_factory, name):
-    "A folder every test process of this run shares (pytest-xdist runs several), and the lock to hold while making it."
+def run_root(tmp_path_factory):
+    "The folder of this test run that every test process shares (pytest-xdist's workers have their folders side by side in it)."
     root = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"): root = root.parent  # the workers' folders sit side by side in one run's folder
+    return root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root
+
+
+def shared(root, name):
+    "A folder every test process of this run shares, and the lock to hold while making it (`root`: the run's folder or its tmp_path_factory)."
+    root = root if isinstance(root, Path) else run_root(root)
     return root / name, FileLock(str(root / f"{name}.lock"))
 
 
@@ -52,14 +57,13 @@ TINY_CONFIG = dict(epochs=10, batch_size=8, learning_rate=3e-4, pooling="avg", h
                    seed=0, workers=0)
 
 
-@pytest.fixture(scope="session")
-def trained_phantom(tmp_path_factory):
-    "A model trained at tiny settings on phantoms (the course's settings for random weights): trained once, shared by tests."
+def make_trained(root):
+    "A model trained at tiny settings on phantoms (the course's settings for random weights), made once a run; the others load it."
     from boneage.data import load_dataset, split_dataset
     from boneage.phantom_dataset import make_phantom_dataset
     from boneage.preprocess import preprocessing_spec
     from boneage.train import TrainConfig, train
-    folder, lock = shared(tmp_path_factory, "trained")
+    folder, lock = shared(root, "trained")
     with lock:  # the first process draws and trains; the others find both done and load them
         # 480 phantoms, 6 epochs with a cosine decay: at 72² the phantom's age is read from maturity alone (no size cue),
         # and with fewer images or a constant rate the tiny model answered one age for most images
@@ -68,6 +72,11 @@ def trained_phantom(tmp_path_factory):
         result = train(df, folder / "out", preprocessing_spec(72), TrainConfig(**{**TINY_CONFIG, "epochs": 6, "lr_schedule": "cosine"}),
                        verbose=False)
     return result, df, data, folder / "out"
+
+
+@pytest.fixture(scope="session")
+def trained_phantom(tmp_path_factory):
+    return make_trained(run_root(tmp_path_factory))
 
 
 def complete_bundle(model_dir, df, conformal=None):
@@ -89,11 +98,10 @@ def complete_bundle(model_dir, df, conformal=None):
     return model_dir
 
 
-@pytest.fixture(scope="session")
-def bundle_dir(trained_phantom, tmp_path_factory):
+def make_bundle(root):
     "A copy of the tiny trained model as a full bundle: intervals, stages, the input gate and an ONNX copy (made once)."
-    _, df, _, out = trained_phantom
-    folder, lock = shared(tmp_path_factory, "bundle")
+    _, df, _, out = make_trained(root)
+    folder, lock = shared(root, "bundle")
     with lock:
         if not (folder / "done").exists():
             shutil.rmtree(folder, ignore_errors=True)  # what an interrupted attempt left
@@ -101,6 +109,11 @@ def bundle_dir(trained_phantom, tmp_path_factory):
             complete_bundle(folder / "model", df)
             (folder / "done").touch()
     return folder / "model"
+
+
+@pytest.fixture(scope="session")
+def bundle_dir(trained_phantom, tmp_path_factory):
+    return make_bundle(run_root(tmp_path_factory))
 
 
 @pytest.fixture(scope="session")
@@ -122,23 +135,78 @@ TINY_RUN = ["--n-images", "60", "--phantom-size", "128", "--image-size", "72", "
 
 def boneage_run(out, *args, backend="tensorflow", **env):
     "`boneage run --out OUT ARGS` in a fresh process, as a user runs it (`env`: more environment variables)."
-    import subprocess, sys
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "KERAS_BACKEND": backend, **env}
     return subprocess.run([sys.executable, "-m", "boneage", "run", "--out",
                            str(out), "--no-progress", *args], capture_output=True, text=True, env=env, cwd=ROOT)
 
 
-@pytest.fixture(scope="session")
-def tiny_course(tmp_path_factory):
+def make_course(root):
     "The whole course at tiny settings, as `boneage run` executes it: the one course of a test run, shared by every test."
-    out, lock = shared(tmp_path_factory, "course")
+    out, lock = shared(root, "course")
     log = out.with_name("course.stdout")
-    with lock, shared(tmp_path_factory, "ray")[1]:  # the first process runs it (its archive notebook starts a local Ray)
+    with lock, shared(root, "ray")[1]:  # the first process runs it (its archive notebook starts a local Ray)
         if not log.exists():
             r = boneage_run(out, *TINY_RUN)
             assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
             log.write_text(r.stdout)
     return out, SimpleNamespace(returncode=0, stdout=log.read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_course(tmp_path_factory):
+    return make_course(run_root(tmp_path_factory))
+
+
+def make_site(root):
+    "`boneage docs` as a user runs it, on the tiny course (its executed notebooks are current, so it builds without rerunning)."
+    out, _ = make_course(root)
+    folder, lock = shared(root, "site")
+    dest = folder / "site"
+    with lock:
+        if not (folder / "done").exists():
+            r = subprocess.run([sys.executable, "-m", "boneage", "docs", "--out", str(out), "--dest", str(dest), "--no-progress"],
+                               capture_output=True, text=True, cwd=ROOT)
+            assert r.returncode == 0 and f"site: {dest / 'index.html'}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+            assert "executing the course" not in r.stdout  # the tiny course's notebooks were used, not run again
+            (folder / "done").touch()
+    return dest, out
+
+
+# What the shared things are made by, in the order the tests below need them.
+MAKERS = {"trained_phantom": make_trained, "bundle_dir": make_bundle, "tiny_course": make_course, "site": make_site}
+
+
+def _needs(item):
+    "0: needs nothing shared; 1: the trained model; 2: the tiny course (or Ray, which the course's archive notebook holds)."
+    names = set(getattr(item, "fixturenames", ()))
+    return 2 if names & {"tiny_course", "one_ray_at_a_time"} else 1 if "trained_phantom" in names else 0
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests that need nothing shared run first, then those that need the trained model, then those that need the
+    course. With test processes (pytest-xdist), the first one starts making the shared things at once, in the
+    background, while the test processes run the tests that need none, rather than a test process waiting on a lock
+    while another makes them."""
+    items.sort(key=_needs)  # stable: each group keeps the files' order (every process sorts alike)
+    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0": return
+    needed = set().union(*(getattr(i, "fixturenames", ()) for i in items))
+    names = [n for n in MAKERS if n in needed]
+    if names:
+        root = run_root(config._tmp_path_factory)
+        log = open(root / "shared-makers.log", "w")
+        config._makers = subprocess.Popen([sys.executable, __file__, str(root), *names], stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=ROOT, start_new_session=True)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    "The background maker ends with the run: waited for (another process may still need what it makes), stopped on Ctrl-C."
+    p = getattr(session.config, "_makers", None)
+    if p is None: return
+    if exitstatus == pytest.ExitCode.INTERRUPTED:
+        import signal
+        os.killpg(p.pid, signal.SIGTERM)
+    p.wait()
 
 
 def course_copy(tiny_course, dest):
@@ -147,3 +215,7 @@ def course_copy(tiny_course, dest):
     shutil.copytree(out, dest, symlinks=True, ignore=shutil.ignore_patterns("phantom"))
     (dest / "phantom").symlink_to(out / "phantom", target_is_directory=True)
     return dest
+
+
+if __name__ == "__main__":  # `python tests/conftest.py RUN_FOLDER trained_phantom tiny_course site`: make them, under their locks
+    for name in sys.argv[2:]: MAKERS[name](Path(sys.argv[1]))

@@ -1,5 +1,6 @@
 """Archive prediction on Ray: the same rows as `boneage predict`, and a killed run resumed without redoing a row."""
 import os, shutil, signal, subprocess, sys, time
+from pathlib import Path
 
 import pytest
 
@@ -56,7 +57,8 @@ def test_a_killed_archive_run_resumes_without_redoing_rows(bundle_dir, archive, 
     deadline = time.time() + 300
     while time.time() < deadline and len(list(out.glob("*.parquet"))) < 3: time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()
-    subprocess.run(["ray", "stop", "--force"], capture_output=True)  # what the kill left of the local Ray
+    ray_cli = Path(sys.executable).with_name("ray")  # beside this Python: found without the environment activated
+    subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True)  # what the kill left of the local Ray
     files, kept = len(list(out.glob("*.parquet"))), len(pd.read_parquet(out))
     assert 3 <= files < 21 and kept < 162  # killed while predicting, some blocks already on disk
     assert max(len(pd.read_parquet(f)) for f in out.glob("*.parquet")) <= 8  # a file is one block

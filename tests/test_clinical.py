@@ -45,9 +45,10 @@ def test_interval_uses_the_band_of_the_prediction_and_clamps_at_zero():
 
 
 def test_assessment():
-    assert [assessment(130, c, 115, 145) for c in (114.9, 115, 145, 145.1)] == ["advanced", "in line", "in line", "delayed"]
-    assert [assessment(130, c) for c in (117.9, 118, 142, 142.1)] == ["advanced", "in line", "in line", "delayed"]
-    assert assessment(130, 100, float("nan"), float("nan")) == "advanced"  # no usable interval: ±12 months
+    beyond, within = "beyond the model's uncertainty", "within the model's uncertainty"  # not a clinical verdict
+    assert [assessment(130, c, 115, 145) for c in (114.9, 115, 145, 145.1)] == [beyond, within, within, beyond]
+    assert [assessment(130, c) for c in (117.9, 118, 142, 142.1)] == [beyond, within, within, beyond]
+    assert assessment(130, 100, float("nan"), float("nan")) == beyond  # no usable interval: ±12 months
 
 
 def test_one_definition_used_everywhere():

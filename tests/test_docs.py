@@ -4,25 +4,15 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need, shared
+from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, make_site, need, run_root
 
 ARTIFACTS = ROOT / "docs" / "_build" / "artifacts"
 
 
 @pytest.fixture(scope="module")
 def site(tiny_course, tmp_path_factory):
-    "`boneage docs` as a user runs it, on the tiny course (its executed notebooks are current, so it builds without rerunning); built once a run."
-    out, _ = tiny_course
-    folder, lock = shared(tmp_path_factory, "site")
-    dest = folder / "site"
-    with lock:
-        if not (folder / "done").exists():
-            r = subprocess.run([sys.executable, "-m", "boneage", "docs", "--out", str(out), "--dest", str(dest), "--no-progress"],
-                               capture_output=True, text=True, cwd=ROOT)
-            assert r.returncode == 0 and f"site: {dest / 'index.html'}" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
-            assert "executing the course" not in r.stdout  # the tiny course's notebooks were used, not run again
-            (folder / "done").touch()
-    return dest, out
+    "`boneage docs` as a user runs it, on the tiny course; built once a run."
+    return make_site(run_root(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")
@@ -55,9 +45,21 @@ def pages(site):
 def test_site_has_every_page(site):
     got = set(pages(site[0]))
     expected = {"index.html", "results.html", "data.html", "inputs.html", "gpu.html", "contributing.html", "api/index.html"}
-    from boneage.course import _tags
-    expected |= {f"{p.stem}.html" for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb") if "optional" not in (_tags(p) or [])}
+    expected |= {f"{p.stem}.html" for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb")}  # optional ones too, run or not
     assert expected <= got, expected - got
+    home = (site[0] / "index.html").read_text()
+    assert home.index(">The course<") < home.index(">Appendices<") < home.index(">Project<")  # the core path, then the rest
+    approaches = (site[0] / "09_approaches.html").read_text()  # the tiny course did not run it: its source, and how to run it
+    assert "this course run did not execute it" in approaches
+
+
+def test_the_course_table_puts_the_core_path_before_the_appendices():
+    from boneage.docs import CORE_LESSONS
+    readme = (ROOT / "README.md").read_text()
+    core, appendices = readme.split("### The core path")[1].split("### Appendices")
+    listed = lambda text: re.findall(r"^\| `(\d\d\w*?)` \|", text, re.M)
+    assert listed(core) == CORE_LESSONS
+    assert sorted(listed(core) + listed(appendices.split("\n## ")[0])) == sorted(p.stem for p in (ROOT / "nbs").glob("[0-9][0-9]*_*.ipynb"))
 
 
 def test_api_reference_documents_every_export(site):
@@ -76,6 +78,7 @@ def test_pages_show_executed_outputs_and_no_machine_paths(site):
     results = (s / "results.html").read_text()
     assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 12 test images)" in results
     assert "95% CI" in results and "one run on one machine" in results
+    assert all(f"files/{f}.png" in results for f in ("training_history", "bland_altman", "best_and_worst", "sex_bias"))  # the lesson's figures
     for page in pages(s):
         text = (s / page).read_text()
         assert str(ROOT) not in text and str(out) not in text and "oneDNN custom operations are on" not in text, page
@@ -141,7 +144,8 @@ def test_build_fails_on_a_failed_cell(executed_course, tmp_path):
     import nbformat
     from boneage.docs import DocsError, build_site
     nb = nbformat.read(executed_course / "notebooks" / "06_bias.ipynb", as_version=4)
-    nb.cells[-1].outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="'male'", traceback=[])]
+    last_code = [c for c in nb.cells if c.cell_type == "code"][-1]  # the notebook ends with its recap, in markdown
+    last_code.outputs = [nbformat.v4.new_output("error", ename="KeyError", evalue="'male'", traceback=[])]
     nbformat.write(nb, executed_course / "notebooks" / "06_bias.ipynb")
     with pytest.raises(DocsError, match=r"06_bias.ipynb: cell \d+ failed \(KeyError"):
         build_site(executed_course, tmp_path / "site", progress=False)

@@ -101,3 +101,27 @@ def test_results_markdown_carries_every_reference_number():
     assert "calibrated on 140 calib images" in t and "optimistic" not in t and t.rstrip().endswith("Sex bias inconclusive: …")
     on_valid = results_markdown({**metrics, "conformal": {**metrics["conformal"], "calibrated_on": "valid"}})
     assert "the coverage may be optimistic" in on_valid
+
+
+def test_interval_width_and_coverage_by_age_band_reach_the_results(tmp_path):
+    "A 90% interval from 200 calibration images: its width, and its coverage per band of true age, in results.md and a figure."
+    from boneage.evaluate import coverage_by_age_band, plot_coverage, results_markdown
+    rng = np.random.default_rng(0)
+    y = rng.uniform(0, 228, 600); pred = y + rng.normal(0, 1, 600) * np.where(y > 168, 25, 8)  # the oldest are hardest
+    conf = fit_conformal(y[:200], pred[:200], 0.9, min_per_band=10**6)  # one global half-width, as a small calibration split gives
+    lo, hi = prediction_interval(pred[200:], conf)
+    table = coverage_by_age_band(y[200:], lo, hi)
+    assert table.n.sum() == 400 and table.coverage.iloc[-1] < table.coverage.iloc[1]  # the 14–19 y band is covered least
+    width = table.set_index(table.band.astype(str)).mean_width
+    assert width["6–10 y"] == pytest.approx(2 * conf["half_width"]) and (width <= 2 * conf["half_width"] + 1e-9).all()  # clipped at 0 and 240
+    plot_coverage(table, 0.9, tmp_path / "coverage.png")
+    assert (tmp_path / "coverage.png").stat().st_size > 10_000
+    metrics = {"data": "phantom, 400 test images", "data_kind": "phantom", "regression": {"r2": 0.9, "mae": 9.0, "rmse": 12.0, "within_12": 0.7},
+               "regression_ci": {k: [0, 1] for k in ("r2", "mae", "rmse", "within_12")},
+               "stages": {"accuracy": 0.9, "qwk": 0.8, "recall": {"Child": 0.9, "Adolescent": 0.8, "Adult": float("nan")},
+                          "support": {"Child": 300, "Adolescent": 100, "Adult": 0}},
+               "conformal": {**conf, "test_coverage": 0.9}, "coverage_by_band": table.assign(band=table.band.astype(str)).to_dict("records"),
+               "limits_of_agreement": {"bias": 0.5, "low": -20.0, "high": 21.0}}
+    t = results_markdown(metrics)
+    assert f"an interval {2 * conf['half_width']:.0f} months wide" in t and "Coverage by band of true age: 0–2 y" in t
+    assert "| Adult recall | no adults in the test split | — | — |" in t and "limits of agreement -20.0 to +21.0 months" in t

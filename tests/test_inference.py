@@ -156,10 +156,10 @@ def test_python_api_errors(bundle_dir, tmp_path):
 def test_result_text_and_row():
     r = BoneAgePrediction("x.png", True, 150.0, interval_low=135.0, interval_high=165.0, coverage=0.9, stage="Adolescent",
                           chronological_age_months=120.0)
-    assert r.difference_months == 30 and r.assessment == "advanced" and r.bone_age_years == 12.5
-    assert "30.0 months ahead of chronological age 120 (advanced)" in str(r)
+    assert r.difference_months == 30 and r.assessment == "beyond the model's uncertainty" and r.bone_age_years == 12.5
+    assert "30.0 months ahead of chronological age 120 (beyond the model's uncertainty)" in str(r)
     d = r.as_dict()
-    assert d["sex"] == "M" and d["difference_months"] == 30.0 and d["assessment"] == "advanced" and d["status"] == "ok"
+    assert d["sex"] == "M" and d["difference_months"] == 30.0 and d["assessment"] == "beyond the model's uncertainty" and d["status"] == "ok"
     none = BoneAgePrediction("y.png", status="error", reasons=["y.png: file not found"]).as_dict()
     assert none["bone_age_months"] is None and none["assessment"] is None and none["reasons"] == "y.png: file not found"
 

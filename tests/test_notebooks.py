@@ -62,7 +62,7 @@ def test_training_notebook(phantom_run):
     out, r = phantom_run
     w = json.loads((out / "04_training.json").read_text())
     assert w["backend"] == "tensorflow" and w["precision"] == "float32" and w["epochs_run"] == 2 and w["image_size"] == 72
-    assert set(w["test"]) == {"r2", "mae", "rmse"} and w["n_test"] == 12
+    assert set(w["valid"]) == {"r2", "mae", "rmse"} and w["n_valid"] == 6  # "did it learn" asks the validation split, not the test split
     assert (out / "model" / "best.keras").exists() and (out / "training_history.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / "model" / "history.csv")) == 2
     assert "epoch 2/2" in r.stdout and "interrupted in epoch 2" in r.stdout  # the resume demonstration ran
@@ -256,6 +256,7 @@ def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course,
     assert info["training"]["backbone"] == "EfficientNetB0" and info["preprocessing"]["crop"] and info["preprocessing"]["clahe"]
     g = json.loads((tmp_path / "07_gradcam.json").read_text())
     assert g["stride"] == 8 and 8 <= g["map_size"] <= 10 and g["layer"].startswith("block")  # EfficientNet's cut near 1/8, found, not named
+    assert not g["layer"].endswith("_pad")  # a padding layer's maps are framed in zeros
     test = pd.read_csv(tmp_path / "predictions.csv").query("split == 'test'").head(6)
     split = pd.read_csv(tmp_path / "split.csv").set_index("id")
     manifest = tmp_path / "m.csv"

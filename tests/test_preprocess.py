@@ -47,6 +47,16 @@ def test_augment_is_seeded_and_small(hand):
     assert abs(int((a > 100).sum()) - int((sq > 100).sum())) < 0.35 * (sq > 100).sum()  # the hand stays a hand
 
 
+def test_augment_darkens_black_to_black():
+    "A darker exposure clips at 0: black film stays black (an absolute value would turn -20 into a grey 20)."
+    class Draws:  # the draws augment asks for, in order: angle, zoom, shift (x, y), gain, brightness
+        values = iter([0.0, 1.0, np.zeros(2), 1.0, -0.08])
+        def uniform(self, low, high, size=None): return next(self.values)
+    film = np.zeros((32, 32), np.uint8); film[8:16] = 100
+    out = augment(film, Draws())
+    assert out[0].max() == 0 and out[10, 10] == 100 - round(0.08 * 255)
+
+
 def test_the_record_names_every_step_and_refuses_unknown_ones():
     spec = preprocessing_spec(96, crop=True, clahe=True)
     assert spec["crop"] == {"method": "otsu-largest-region", "margin": 0.05} and spec["clahe"]["clip_limit"] == 2.0
