@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from boneage.bias import bias_outcome, bias_verdict, errors_by_band_and_sex, errors_by_sex, sex_gaps
+from boneage.bias import age_adjusted_gap, bias_outcome, bias_verdict, errors_by_band_and_sex, errors_by_sex, sex_gaps
 
 
 @pytest.fixture
@@ -87,3 +87,16 @@ def test_by_band_and_sex(patients):
     y, male, p = patients
     t = errors_by_band_and_sex(y, p, male)
     assert len(t) == 10 and t.n.sum() == len(y)
+
+
+def test_the_age_adjusted_gap_takes_the_age_mix_out():
+    "Errors that depend on age only, boys older than girls: the raw MAE gap is large, the age-adjusted gap near 0."
+    rng = np.random.default_rng(0)
+    male = rng.random(2000) < 0.5
+    y = np.where(male, rng.uniform(60, 228, 2000), rng.uniform(12, 180, 2000))  # boys older
+    pred = y + rng.normal(0, 1, 2000) * np.where(y > 168, 25, 8)  # the oldest are hardest, for both sexes
+    raw = errors_by_sex(y, pred, male).mae
+    adjusted = age_adjusted_gap(y, pred, male, n_boot=300, seed=1)
+    assert raw.male - raw.female > 3 and adjusted["ci_low"] < 0 < adjusted["ci_high"] and abs(adjusted["male_minus_female"]) < 1.5
+    assert adjusted["share"] > 0.9  # bands with one sex only are left out, and say how much they hold
+    assert np.isnan(age_adjusted_gap(y[male], pred[male], male[male])["male_minus_female"])  # one sex: nothing to compare

@@ -78,7 +78,7 @@ def test_pages_show_executed_outputs_and_no_machine_paths(site):
     results = (s / "results.html").read_text()
     assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 12 test images)" in results
     assert "95% CI" in results and "one run on one machine" in results
-    assert all(f"files/{f}.png" in results for f in ("training_history", "bland_altman", "best_and_worst", "sex_bias"))  # the lesson's figures
+    assert all(f"_images/{f}.png" in results for f in ("training_history", "bland_altman", "best_and_worst", "sex_bias"))  # the lesson's figures
     for page in pages(s):
         text = (s / page).read_text()
         assert str(ROOT) not in text and str(out) not in text and "oneDNN custom operations are on" not in text, page
