@@ -10,7 +10,7 @@ __all__ = ['GAP_METRICS', 'errors_by_sex', 'sex_gaps', 'bias_outcome', 'bias_ver
 import numpy as np
 import pandas as pd
 
-from .evaluate import age_band, mae_by_age_band
+from .evaluate import _finish, age_band, mae_by_age_band
 from .clinical import AGE_BANDS_YEARS, age_band_index
 
 # %% ../nbs/06_bias.ipynb
@@ -88,10 +88,7 @@ def plot_bias(y_true, y_pred, male, path=None, bands=AGE_BANDS_YEARS, n_boot=100
     axs[0].set_xticks(range(len(order)), [f"{b}\n{counts.get((b, 'female'), 0)} / {counts.get((b, 'male'), 0)}" for b in order])
     axs[0].set_xlabel("true age band\n(n girls / boys)")
     axs[1].set_xticks(range(len(order)), order); axs[1].axhline(0, color="k", lw=1)
-    fig.suptitle(f"Errors by age band and sex, test split ({(~np.asarray(male, bool)).sum()} girls, {np.asarray(male, bool).sum()} boys; 95% CIs)", fontsize=11)
-    fig.tight_layout()
-    if path: fig.savefig(path, dpi=110)
-    return fig
+    return _finish(fig, f"Errors by age band and sex, test split ({(~np.asarray(male, bool)).sum()} girls, {np.asarray(male, bool).sum()} boys; 95% CIs)", path)
 
 # %% ../nbs/06_bias.ipynb
 def age_adjusted_gap(y_true, y_pred, male, bands=AGE_BANDS_YEARS, n_boot=2000, seed=0, level=0.95):
