@@ -27,7 +27,8 @@ def main():
     from boneage.data import load_dataset, split_dataset
     from boneage.phantom_dataset import make_phantom_dataset
     from boneage.preprocess import build_cache, preprocessing_spec
-    from boneage.train import TrainConfig, gpu_available, train
+    from boneage.runs import gpu_available
+    from boneage.train import TrainConfig, train
     n_train = args.train_batches * args.batch
     n = n_train * 5 // 4  # 80% train, 16% valid (whole batches when batch divides train_batches × 0.2), 2% calib, 2% test
     fractions = {"train": 0.80, "valid": 0.16, "calib": 0.02, "test": 0.02}

@@ -98,7 +98,7 @@ def main():
     ap.add_argument("--no-predict", action="store_true", help="time training only (saves a compile per batch size)")
     args = ap.parse_args()
     import keras
-    from boneage.train import choose_precision
+    from boneage.runs import choose_precision
     precision = choose_precision(args.precision)
     rows = []
     args.pipeline |= args.pipeline_only

@@ -75,6 +75,7 @@ def _row_problem(id_, age, sex, n_with_id, images):
     if _known_sex(sex) is None: return f"sex {sex!r} is not one of M/F/male/female/True/False/1/0"
     return None
 
+# %% ../nbs/00_data.ipynb
 def check_labels(labels, images):
     "Split label rows into usable rows (with `path`) and a table of problems (`id`, `reason`)."
     import pandas as pd
@@ -165,6 +166,7 @@ def part_sizes(n, fractions):
     sizes[np.argsort(sizes - exact)[:n - sizes.sum()]] += 1  # the largest remainders get the rows left over
     return dict(zip(fractions, sizes.tolist()))
 
+# %% ../nbs/00_data.ipynb
 def _carve(index, fractions, seed, strata):
     "Cut `index` into the parts of `fractions` (name → share), one after the other, with `part_sizes` rows each."
     from sklearn.model_selection import train_test_split
@@ -214,6 +216,7 @@ def write_split(df, out_dir):
     t = df[["id", "bone_age_months", "male", "split"]].assign(path=[_relative(p, out_dir) for p in df.path])
     return atomic_write_text(out_dir / SPLIT_FILE, t.to_csv(index=False))
 
+# %% ../nbs/00_data.ipynb
 def read_split(out_dir):
     "The course's split (`split.csv` written by the data notebook), with absolute image paths."
     import pandas as pd

@@ -273,8 +273,9 @@ def _interval_lines(c, bands):
             f"{b['band']} {b['coverage']:.0%} of {b['n']} (mean width {b['mean_width']:.0f} months)" for b in bands if b["n"]) + ".")
     return lines
 
-def results_markdown(metrics):
-    "`results.md`: this run's numbers with their 95% intervals beside the reference README's, the targets, the bias verdict."
+# %% ../nbs/05_evaluation.ipynb
+def _result_rows(metrics):
+    "The results table's rows: metric → (this run's value, its 95% CI), formatted."
     reg, st, ci = metrics["regression"], metrics["stages"], metrics["regression_ci"]
     bias = metrics.get("sex_bias") or {}
     gaps, per_sex = bias.get("gaps", {}), bias.get("per_sex", {})
@@ -291,6 +292,12 @@ def results_markdown(metrics):
     adj = bias.get("age_adjusted_mae_gap")
     if adj and not _missing(adj["male_minus_female"]):  # within age bands: the sexes' different ages taken out
         rows["MAE gap, age-adjusted (months, boys − girls)"] = (f"{adj['male_minus_female']:+.2f}", _ci((adj["ci_low"], adj["ci_high"]), "{:+.2f}"))
+    return rows
+
+# %% ../nbs/05_evaluation.ipynb
+def results_markdown(metrics):
+    "`results.md`: this run's numbers with their 95% intervals beside the reference README's, the targets, the bias verdict."
+    reg, bias, rows = metrics["regression"], metrics.get("sex_bias") or {}, _result_rows(metrics)
     lines = ["# Results", "", f"| metric | this run ({metrics['data']}) | 95% CI | reference README (RSNA; split not stated) |",
              "|---|---|---|---|"] + [f"| {k} | {v} | {c} | {REFERENCE[k]} |" for k, (v, c) in rows.items()]
     lines += ["", f"Reference targets on this run's data ({metrics['data_kind']}):"]
@@ -309,6 +316,7 @@ def results_markdown(metrics):
     if bias.get("verdict"): lines += ["", bias["verdict"]]
     return "\n".join(lines) + "\n"
 
+# %% ../nbs/05_evaluation.ipynb
 def predictions_fingerprint(preds):
     "A short hash of a predictions table: the bias section of the results belongs to one set of predictions."
     import hashlib

@@ -39,6 +39,7 @@ def _is_cut(model, layer):
     try: keras.Model([layer.output, model.inputs[1]], model.output); return True
     except ValueError: return False
 
+# %% ../nbs/07_gradcam.ipynb
 def feature_layer(model, stride=None):
     "The feature maps Grad-CAM explains: the last layer with 2-D maps (`stride` None), or the last layer at 1/`stride` of the input that the rest of the network depends on alone."
     # padding layers only frame the maps before a strided convolution: their border is zeros, not features

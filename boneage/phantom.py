@@ -175,6 +175,19 @@ def _ray_bones(base, angle, bones, length_factor=1.0, width_factor=1.0):
         p = q + d * JOINT_GAP
     return out
 
+# %% ../nbs/01_phantom.ipynb
+def _draw_soft_tissue(img, rays, to_px, scale, thickness, soft):
+    "Soft tissue: the forearm, the palm and one capsule per finger, at density `soft`."
+    _fill(img, [to_px(p) for p in [(-0.16, -0.6), (0.15, -0.6), (0.14, 0.0), (-0.14, 0.0)]], soft)
+    palm = [(-0.16, 0.0), (0.15, 0.0), (0.19, 0.10)] + [rays["thumb"][0][3] + (0.03, 0)] + [(0.11, 0.32), (0.06, 0.48), (-0.05, 0.48), (-0.17, 0.40), (-0.17, 0.15)]
+    _fill(img, [to_px(p) for p in palm], soft)
+    for bones in rays.values():
+        start, stop = bones[0][2], bones[-1][3]
+        thick = (0.095 if bones is rays["thumb"] else 0.088) * thickness
+        _fill(img, [to_px(p) for p in _shaft(start, stop + (stop - start) / np.linalg.norm(stop - start) * 0.02, thick * 1.2, thick * 0.85, 1.0)], soft)
+        _ellipse(img, to_px(stop), (thick * 0.45 * scale, thick * 0.45 * scale), 0, soft)
+
+# %% ../nbs/01_phantom.ipynb
 def draw_hand(size, bone_age_months, male, scale, spread=1.0, bends=None, density=0.7, soft=0.33, lengths=None, thickness=1.0):
     "Draw a hand in the canonical pose on a `size`×`size` canvas; returns (image float32, mask uint8)."
     img = np.zeros((size, size), np.float32)
@@ -185,15 +198,7 @@ def draw_hand(size, bone_age_months, male, scale, spread=1.0, bends=None, densit
     to_px = lambda uv: origin + np.array([uv[0], -uv[1]]) * scale  # hand units (v up) -> pixels (y down)
     rays = {k: _ray_bones(b, a * spread + bend, bones, f, thickness)
             for (k, (b, a, bones)), bend, f in zip(RAYS.items(), bends, lengths)}
-    # soft tissue: forearm, palm and one capsule per finger
-    _fill(img, [to_px(p) for p in [(-0.16, -0.6), (0.15, -0.6), (0.14, 0.0), (-0.14, 0.0)]], soft)
-    palm = [(-0.16, 0.0), (0.15, 0.0), (0.19, 0.10)] + [rays["thumb"][0][3] + (0.03, 0)] + [(0.11, 0.32), (0.06, 0.48), (-0.05, 0.48), (-0.17, 0.40), (-0.17, 0.15)]
-    _fill(img, [to_px(p) for p in palm], soft)
-    for bones in rays.values():
-        start, stop = bones[0][2], bones[-1][3]
-        thick = (0.095 if bones is rays["thumb"] else 0.088) * thickness
-        _fill(img, [to_px(p) for p in _shaft(start, stop + (stop - start) / np.linalg.norm(stop - start) * 0.02, thick * 1.2, thick * 0.85, 1.0)], soft)
-        _ellipse(img, to_px(stop), (thick * 0.45 * scale, thick * 0.45 * scale), 0, soft)
+    _draw_soft_tissue(img, rays, to_px, scale, thickness, soft)
     mask[img > 0] = HAND
     # bones of the forearm: long shafts running off the bottom of the image
     for name, group, distal, width in FOREARM:
@@ -241,6 +246,7 @@ def add_texture(img, mask, nz, rng):
     hand, bone = (mask & HAND) > 0, (mask & BONE) > 0
     return img * (1 + nz.tissue_texture * field * hand) + nz.bone_texture * grain * bone
 
+# %% ../nbs/01_phantom.ipynb
 def acquire(img, mask, nz, rng):
     "Turn a canonical hand into a radiograph: pose, blur, exposure, background, heel effect, noise and side marker."
     size = img.shape[0]

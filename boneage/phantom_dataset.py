@@ -66,6 +66,7 @@ def _replace_folder(new, folder):
         shutil.rmtree(new, ignore_errors=True)
     if old: shutil.rmtree(old, ignore_errors=True)
 
+# %% ../nbs/01b_phantom_dataset.ipynb
 def make_phantom_dataset(folder, n=1000, size=512, seed=0, bone_age_months=None, male=None, n_jobs=None, progress=True,
                          reader_sd=READER_SD_MONTHS):
     "Write `n` phantom radiographs in RSNA layout to `folder`, drawn at `bone_age_months` (default: RSNA-like) and labelled by a reader of error `reader_sd`; reused when made with the same settings."

@@ -105,6 +105,7 @@ def check_spec(spec):
     if unknown: raise PreprocessingError(f"preprocessing steps {sorted(unknown)} are unknown to this version")
     return spec
 
+# %% ../nbs/02_preprocessing.ipynb
 def prepare(img, spec):
     "A 2-D uint8 radiograph as the record says: cropped, letterboxed, equalised — uint8, size × size."
     spec = check_spec(spec)
@@ -160,6 +161,7 @@ def _remove_abandoned(stem):
         except (ProcessLookupError, ValueError): f.unlink(missing_ok=True)
         except PermissionError: pass  # alive, another user's
 
+# %% ../nbs/02_preprocessing.ipynb
 def build_cache(paths, spec, cache_dir="cache", progress=True, n_threads=None):
     "Prepare `paths` once into a memory-mapped uint8 array (N, size, size); reuse it while nothing changed."
     from tqdm import tqdm

@@ -89,12 +89,14 @@ class KeepBest(keras.callbacks.Callback):
     def on_train_end(self, logs=None):
         if self.weights is not None: self.model.set_weights(self.weights)
 
+# %% ../nbs/07b_transfer.ipynb
 def _predict(model, part):
     from boneage.clinical import clip_bone_age
     from boneage.preprocess import xception_scale
     x, male, _ = part
     return clip_bone_age(np.asarray(model({"image": xception_scale(x), "male": male[:, None].astype("float32")}, training=False), float)[:, 0])
 
+# %% ../nbs/07b_transfer.ipynb
 def cross_validate(df, cache, starts, image_size, epochs=10, batch_size=8, learning_rate=3e-4, n_folds=4, seed=42,
                    age_mean=127.0, age_std=41.0, backbone="Xception"):
     "Out-of-fold predictions (one column per start, and `mean`) and learning curves; `starts`: name → backbone weights file or None (random)."

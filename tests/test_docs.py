@@ -75,6 +75,8 @@ def test_pages_show_executed_outputs_and_no_machine_paths(site):
     s, out = site
     training = (s / "04_training.html").read_text()
     assert "<img" in training and "epoch 2/2" in training  # the learning curves and the epoch lines of the run
+    runs = (s / "04b_training_runs.html").read_text()  # the training appendix, executed by the build: the resume demonstration
+    assert "interrupted in epoch 2" in runs and "epoch 3/3" in runs and "starting over" in runs
     results = (s / "results.html").read_text()
     assert "reference README (RSNA; split not stated)" in results and "this run (phantom, 12 test images)" in results
     assert "95% CI" in results and "one run on one machine" in results

@@ -65,7 +65,7 @@ def test_training_notebook(phantom_run):
     assert set(w["valid"]) == {"r2", "mae", "rmse"} and w["n_valid"] == 6  # "did it learn" asks the validation split, not the test split
     assert (out / "model" / "best.keras").exists() and (out / "training_history.png").stat().st_size > 10_000
     assert len(pd.read_csv(out / "model" / "history.csv")) == 2
-    assert "epoch 2/2" in r.stdout and "interrupted in epoch 2" in r.stdout  # the resume demonstration ran
+    assert "epoch 2/2" in r.stdout  # the epoch lines of the run; the resume demonstration is the appendix's (04b, test_docs)
 
 
 def test_evaluation_and_bias_notebooks(phantom_run):

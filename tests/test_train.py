@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 
 from conftest import TINY_CONFIG
-from boneage import train as train_module
-from boneage.train import TrainConfig, choose_precision, precision_policy
+from boneage import runs as runs_module
+from boneage.runs import choose_precision, precision_policy
+from boneage.train import TrainConfig
 
 TRAIN_SCRIPT = textwrap.dedent("""
     import os, signal, sys, keras
@@ -44,9 +45,9 @@ def tiny_phantom(tmp_path_factory):
 
 
 def test_precision_follows_the_device(monkeypatch):
-    monkeypatch.setattr(train_module, "gpu_available", lambda: True)
+    monkeypatch.setattr(runs_module, "gpu_available", lambda: True)
     assert choose_precision() == "mixed_float16"
-    monkeypatch.setattr(train_module, "gpu_available", lambda: False)
+    monkeypatch.setattr(runs_module, "gpu_available", lambda: False)
     assert choose_precision() == "float32" and choose_precision("mixed_bfloat16") == "mixed_bfloat16"
     with pytest.raises(ValueError, match="use one of"):
         choose_precision("fp8")
@@ -227,7 +228,8 @@ DEVICES_SCRIPT = textwrap.dedent("""
         tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
     from boneage.data import load_dataset, split_dataset
     from boneage.preprocess import preprocessing_spec
-    from boneage.train import TrainConfig, train, visible_devices
+    from boneage.runs import visible_devices
+    from boneage.train import TrainConfig, train
     out, data = sys.argv[1], sys.argv[2]
     df = split_dataset(load_dataset(data, verbose=False), {"train": 0.8, "valid": 0.2}, seed=0)  # 32 and 8: whole batches
     got = {"devices_seen": len(visible_devices())}
