@@ -8,7 +8,7 @@ input: files, rows written, predicted (ok or warning), rejected by a rule, flagg
 tracebacks and batch aborts. Also the learned score's flag rate on the course's test split. Prints a markdown table and
 one JSON line.
 """
-import argparse, collections, io, json, os, shutil, subprocess, sys, tempfile
+import argparse, collections, io, json, os, resource, shutil, struct, subprocess, sys, tempfile, time, zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,42 @@ def build(root, real):
         put("not a radiograph: blank", f"{k}.png", lambda p: Image.fromarray(np.full((600, 400), rng.integers(0, 255), np.uint8)).save(p))
         put("not a radiograph: 8×8 icon", f"{k}.png", lambda p: Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(p))
         put("not a radiograph: 1×10,000 strip", f"{k}.png", lambda p: Image.fromarray(rng.integers(0, 255, (1, 10000), dtype=np.uint8)).save(p))
+    from pydicom import uid
+    from boneage.reading import compress_dicom
+    syntaxes = {"JPEG Lossless SV1": uid.JPEGLosslessSV1, "JPEG Lossless": uid.JPEGLossless, "JPEG baseline (8-bit)": uid.JPEGBaseline8Bit,
+                "JPEG extended (12-bit)": uid.JPEGExtended12Bit, "JPEG-LS lossless": uid.JPEGLSLossless,
+                "JPEG-LS near-lossless": uid.JPEGLSNearLossless, "JPEG 2000 lossless": uid.JPEG2000Lossless,
+                "JPEG 2000 lossy": uid.JPEG2000, "RLE": uid.RLELossless}
+    options = {"JPEG-LS near-lossless": {"jls_error": 3}, "JPEG 2000 lossy": {"j2k_cr": [20]}}
+    for k, img in enumerate(real[:10]):  # every compressed syntax a CR/DX machine exports, from the same hands
+        plain = root.parent / "sources" / f"{k}.dcm"; plain.parent.mkdir(parents=True, exist_ok=True)  # outside the folder predicted
+        write_dicom(plain, img.astype(np.uint16) * 16, Modality="CR", BodyPartExamined="HAND")
+        write_dicom(plain.with_suffix(".8.dcm"), img, bits=8, Modality="CR", BodyPartExamined="HAND")
+        for label, syntax in syntaxes.items():
+            src = plain.with_suffix(".8.dcm") if "8-bit" in label else plain
+            put(f"radiograph, compressed DICOM: {label}", f"{k}.dcm", lambda p: compress_dicom(src, p, syntax, **options.get(label, {})))
+        put("radiograph, DICOM window centre without a width", f"{k}.dcm", lambda p: write_dicom(p, img.astype(np.uint16) * 16, WindowCenter=2000))
+        put("radiograph, DICOM with an empty window width", f"{k}.dcm", lambda p: write_dicom(p, img.astype(np.uint16) * 16, WindowCenter=2000, WindowWidth=""))
+        put("radiograph, PNG named .dcm", f"{k}.dcm", lambda p: Image.fromarray(img).save(p, "PNG"))
+        put("radiograph, name not UTF-8", f"r\udcf6ntgen{k}.png", lambda p: Image.fromarray(img).save(p, "PNG"))
+        dicom = plain.read_bytes()
+        put("damaged: uncompressed DICOM cut short", f"{k}.dcm", lambda p: p.write_bytes(dicom[:len(dicom) * 3 // 4]))
+    if hasattr(os, "mkfifo"):
+        put("special: a named pipe (FIFO) named .png", "pipe.png", os.mkfifo)
+        put("special: a .png link to the zero device", "zero.png", lambda p: os.symlink("/dev/zero", p))
+        put("special: a .jpg link to the random device", "noise.jpg", lambda p: os.symlink("/dev/urandom", p))
+        put("special: a symbolic link loop named .png", "loop.png", lambda p: os.symlink(p, p))
+    def deflated_frames(p):  # 500 frames of 1024²: about a megabyte deflated, 1 GB inflated
+        ds = pydicom.dcmread(write_dicom(p, np.zeros((1024, 1024), np.uint16)))
+        ds.NumberOfFrames, ds.PixelData = 500, bytes(500 * 1024 * 1024 * 2)
+        ds.file_meta.TransferSyntaxUID = uid.DeflatedExplicitVRLittleEndian; ds.save_as(p, enforce_file_format=True)
+    put("damaged: deflated multi-frame DICOM, 1 GB inflated", "frames.dcm", deflated_frames)
+    def ztxt_bomb(p):  # a valid tiny PNG with a zTXt chunk that inflates to 64 MB
+        buf = io.BytesIO(); Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, "PNG"); png = buf.getvalue()
+        body = b"Comment\0\0" + zlib.compress(bytes(64 * 2**20), 9)
+        chunk = struct.pack(">I", len(body)) + b"zTXt" + body + struct.pack(">I", zlib.crc32(b"zTXt" + body))
+        p.write_bytes(png[:33] + chunk + png[33:])
+    put("damaged: PNG with a zTXt decompression bomb", "bomb.png", ztxt_bomb)
     for f in sorted((Path(pydicom.__file__).parent / "data" / "test_files").rglob("*.dcm")):
         put("pydicom's test files (CT, MR, US, RT, …)", f.name, lambda p: shutil.copy(f, p))
     return classes
@@ -81,22 +117,44 @@ def main():
         real, source = [phantom_radiograph(a, a % 2 == 0, 512, seed=a)[0] for a in range(12, 228, 6)], "36 phantoms (no RSNA sample at hand)"
     classes = build(root / "in", real)
     out = root / "rows.jsonl"
-    r = subprocess.run([sys.executable, "-m", "boneage", "predict", str(root / "in"),
-                        "--sex", "M", "--model", args.model, "--format", "jsonl", "--out", str(out), "--no-progress"],
-                       capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    rows = {Path(x["source"]).resolve(): x for x in map(json.loads, out.read_text().splitlines())}
+    predict = lambda *a: subprocess.run([sys.executable, "-m", "boneage", "predict", *map(str, a), "--model", args.model, "--no-progress"],
+                                        capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=3600)
+    t0 = time.time()
+    r = predict(root / "in", "--sex", "M", "--format", "jsonl", "--out", out)
+    seconds, peak_mib = time.time() - t0, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    rows = {os.path.abspath(x["source"]): x for x in map(json.loads, out.read_text().splitlines())}  # abspath: no link is followed
     table = []
     for cls, paths in classes.items():
-        got = [rows.get(p.resolve()) for p in paths]
+        got = [rows.get(os.path.abspath(p)) for p in paths]
         c = collections.Counter(x["status"] if x else "no row" for x in got)
         learned = sum(1 for x in got if x and "unusual for this model" in x["reasons"])
         rule = sum(1 for x in got if x and x["status"] == "rejected")
         table.append({"class": cls, "files": len(paths), "rows": sum(x is not None for x in got),
                       "predicted": c["ok"] + c["warning"], "rejected by a rule": rule, "flagged by the learned score": learned,
                       "errors": c["error"], "no row": c["no row"]})
+    # Each input that could take a machine down, alone in its own predict process: seconds and peak memory
+    def alone(path):
+        code = ("import resource, subprocess, sys, time; t = time.time(); subprocess.run(sys.argv[1:], capture_output=True); "
+                "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+        cmd = [sys.executable, "-m", "boneage", "predict", str(path), "--sex", "M", "--model", args.model, "--no-progress"]
+        secs, mib = map(float, subprocess.run([sys.executable, "-c", code, *cmd], capture_output=True, text=True,
+                                              env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}).stdout.split())
+        return {"seconds": round(secs, 1), "peak MiB": round(mib)}
+    dangerous = {cls: alone(paths[0]) for cls, paths in classes.items() if cls.startswith("special:") or "bomb" in cls or "inflated" in cls}
+    # Two refusals that are one line, not rows: a manifest csv cannot parse, and --out that is a hard link to an input
+    manifest = root / "long-field.csv"
+    manifest.write_text(f"path,sex\n{classes['radiograph, 8-bit PNG'][0]},F\n\"{'x' * 140_000}\",M\n")
+    m = predict("--manifest", manifest)
+    link = root / "hard-link.csv"; os.link(classes["radiograph, 8-bit PNG"][0], link); before = link.read_bytes()
+    h = predict(classes["radiograph, 8-bit PNG"][0], "--sex", "M", "--out", link)
+    refusals = {"manifest with a 140,000-character field": f"exit {m.returncode}: {m.stderr.strip()[-140:]}",
+                "--out a hard link to an input": f"exit {h.returncode}, input unchanged: {link.read_bytes() == before}"}
     bundle = load_bundle(args.model)
     summary = {"files": sum(t["files"] for t in table), "rows": len(rows), "tracebacks": r.stderr.count("Traceback"),
-               "batch aborts": int(r.returncode not in (0, 1)), "exit code": r.returncode, "real images": source,
+               "batch aborts": int(r.returncode not in (0, 1)), "exit code": r.returncode, "seconds": round(seconds),
+               "peak RSS of the whole run (MiB)": round(peak_mib), "each dangerous input alone": dangerous,
+               "worst dangerous input": {"seconds": max(d["seconds"] for d in dangerous.values()), "peak MiB": max(d["peak MiB"] for d in dangerous.values())},
+               "refusals": refusals, "real images": source,
                "model": f"trained on the {bundle.info['dataset']['kind']}", "test split flagged": bundle.info.get("gate", {}).get("test_flag_rate")}
     cols = list(table[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))

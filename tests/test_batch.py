@@ -42,7 +42,7 @@ def archive(trained_phantom, tmp_path_factory):
 
 
 def rows(path):
-    return list(csv.DictReader(open(path, encoding="utf-8")))
+    return list(csv.DictReader(open(path, encoding="utf-8", errors="surrogateescape")))  # file names as their own bytes
 
 
 def test_folders_are_searched_to_any_depth_and_dicom_found_by_content(archive):
@@ -61,7 +61,7 @@ def test_a_mixed_folder_gives_one_row_per_file_and_no_traceback(bundle_dir, arch
     status = {k: v["status"] for k, v in got.items()}
     for name in ("empty.png", "truncated.png", "cut.jpg", "text.png"): assert status[name] == "error", name
     for name in ("photo.jpg", "icon.png", "ct.dcm"): assert status[name] == "rejected", (name, got[name]["reasons"])
-    for name in ("good0.png", "good1.png", "good2.png", "6154", "r\ufffdntgen.png"): assert got[name]["bone_age_months"], name
+    for name in ("good0.png", "good1.png", "good2.png", "6154", os.fsdecode(b"r\xf6ntgen.png")): assert got[name]["bone_age_months"], name
     assert status["w0.dcm"] in ("warning", "ok") and got["w0.dcm"]["bone_age_months"]
     assert "window unusable" in got["w0.dcm"]["reasons"]
     assert "13 rows:" in r.stderr.splitlines()[-1]
@@ -188,3 +188,76 @@ def test_real_radiographs_through_the_command(bundle_dir, rsna_sample, tmp_path)
     assert all(x["stage"] in ("Child", "Adolescent", "Adult") for x in res) and not any("inverted" in x["reasons"] for x in res)
     assert all(x["difference_months"] == pytest.approx(x["bone_age_months"] - x["chronological_age_months"], abs=0.11) for x in res)
     assert "WARNING" in r.stderr and "not a clinical bone age" in r.stderr  # phantom model on real images
+
+
+def compressed_copies(hand, folder):
+    "A real hand radiograph as DICOM in every transfer syntax a clinic sends: {file name: lossless?}."
+    from pydicom import uid
+    from boneage.reading import compress_dicom
+    folder.mkdir(parents=True, exist_ok=True)
+    u8, u12 = write_dicom(folder / "u8.dcm", hand, bits=8), write_dicom(folder / "u12.dcm", hand.astype(np.uint16) * 16, bits=12)
+    copies = {"jpeg-lossless-sv1.dcm": (u12, uid.JPEGLosslessSV1, {}), "jpeg-lossless.dcm": (u12, uid.JPEGLossless, {}),
+              "jpeg-baseline.dcm": (u8, uid.JPEGBaseline8Bit, {}), "jpeg-extended-12bit.dcm": (u12, uid.JPEGExtended12Bit, {}),
+              "jpeg-ls.dcm": (u12, uid.JPEGLSLossless, {}), "jpeg-ls-near.dcm": (u12, uid.JPEGLSNearLossless, {"jls_error": 3}),
+              "j2k-lossless.dcm": (u12, uid.JPEG2000Lossless, {}), "j2k-lossy.dcm": (u12, uid.JPEG2000, {"j2k_cr": [20]}),
+              "rle.dcm": (u12, uid.RLELossless, {})}
+    for name, (src, syntax, kw) in copies.items(): compress_dicom(src, folder / name, syntax, **kw)
+    lossy = {"jpeg-baseline.dcm", "jpeg-extended-12bit.dcm", "jpeg-ls-near.dcm", "j2k-lossy.dcm"}
+    return {p.name: p.name not in lossy for p in sorted(folder.glob("*.dcm"))}
+
+
+def test_compressed_hand_dicoms_give_the_bone_age_of_their_original(bundle_dir, rsna_sample, tmp_path):
+    "Each transfer syntax of one real radiograph: the uncompressed file's bone age exactly (lossless), within 1 month (lossy)."
+    import pydicom
+    hand = np.asarray(Image.open(sorted((rsna_sample / "images").glob("*.png"))[0]))
+    files = compressed_copies(hand, tmp_path / "dicom")
+    syntaxes = {pydicom.dcmread(tmp_path / "dicom" / f, stop_before_pixels=True).file_meta.TransferSyntaxUID.name for f in files}
+    assert len(syntaxes) == 10, syntaxes  # explicit VR (8 and 12 bit) and nine compressed syntaxes
+    out = tmp_path / "ages.csv"
+    r = cli(tmp_path / "dicom", "--sex", "F", "--model", bundle_dir, "--format", "csv", "--out", out, "--no-gate")
+    got = {Path(x["source"]).name: x for x in rows(out)}
+    assert r.returncode in (0, 1) and len(got) == len(files), r.stderr[-2000:]
+    assert all(x["bone_age_months"] for x in got.values()), {k: x["reasons"] for k, x in got.items() if not x["bone_age_months"]}
+    age = {k: float(x["bone_age_months"]) for k, x in got.items()}
+    for name, lossless in files.items():
+        original = age["u8.dcm" if name in ("jpeg-baseline.dcm", "u8.dcm") else "u12.dcm"]
+        if lossless: assert age[name] == original, (name, age[name], original)
+        else: assert abs(age[name] - original) <= 1.0, (name, age[name], original)
+
+
+def test_special_files_and_bad_paths_get_a_row_each(bundle_dir, archive, tmp_path):
+    "A FIFO, devices behind image names and a link loop: one error row each, quickly, with or without --out."
+    d, _ = archive
+    folder = tmp_path / "odd"; folder.mkdir()
+    shutil.copy(d / "good0.png", folder / "good.png")
+    os.mkfifo(folder / "pipe.png")
+    os.symlink("/dev/zero", folder / "zero.png"); os.symlink("/dev/urandom", folder / "noise.jpg")
+    os.symlink(folder / "loop.png", folder / "loop.png")
+    for out in (tmp_path / "res.csv", None):
+        r = cli(folder, "--sex", "M", "--model", bundle_dir, "--format", "csv", *(["--out", out] if out else []), timeout=300)
+        table = rows(out) if out else list(csv.DictReader(r.stdout.splitlines()))
+        got = {Path(x["source"]).name: x for x in table}
+        assert r.returncode == 1 and "Traceback" not in r.stderr and len(got) == 5, r.stderr[-2000:]
+        assert got["good.png"]["bone_age_months"]
+        assert "a named pipe (FIFO), not a regular file" in got["pipe.png"]["reasons"]
+        assert "a character device, not a regular file" in got["zero.png"]["reasons"]
+        assert "a character device, not a regular file" in got["noise.jpg"]["reasons"]
+        assert "cannot read it" in got["loop.png"]["reasons"]
+
+
+def test_a_hard_link_to_an_input_is_never_overwritten(bundle_dir, archive, tmp_path):
+    d, _ = archive
+    shutil.copy(d / "good0.png", tmp_path / "in.png")
+    before = (tmp_path / "in.png").read_bytes()
+    os.link(tmp_path / "in.png", tmp_path / "hl.csv")  # another name for the radiograph's own bytes
+    r = cli(tmp_path / "in.png", "--sex", "M", "--model", bundle_dir, "--out", tmp_path / "hl.csv")
+    assert r.returncode == 2 and "is one of the inputs" in r.stderr and (tmp_path / "in.png").read_bytes() == before
+
+
+def test_a_manifest_that_csv_cannot_parse_is_one_line(bundle_dir, archive, tmp_path):
+    d, _ = archive
+    m = tmp_path / "m.csv"
+    m.write_text(f"path,sex\n{d / 'good0.png'},F\n\"{'x' * 140_000}\",M\n")
+    r = cli("--manifest", m, "--model", bundle_dir)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert "not a usable manifest: line 3: field larger than field limit" in r.stderr

@@ -86,3 +86,12 @@ def test_input_gate_report(bundle_dir, tmp_path):
     by = {t["class"]: t for t in out["table"]}
     assert by["damaged: text named .png"]["errors"] == 20 and by["not a radiograph: 8×8 icon"]["rejected by a rule"] == 20
     assert by["radiograph, 8-bit PNG"]["predicted"] == by["radiograph, 8-bit PNG"]["files"]
+    compressed = [t for c, t in by.items() if c.startswith("radiograph, compressed DICOM")]
+    assert len(compressed) == 9 and all(t["predicted"] == t["files"] > 0 for t in compressed)  # every syntax decoded
+    for c in ("window centre without a width", "empty window width", "PNG named .dcm", "name not UTF-8"):
+        assert by[f"radiograph, {c}"]["predicted"] == by[f"radiograph, {c}"]["files"], c  # read, never "blank" or lost
+    special = [t for c, t in by.items() if c.startswith("special:") or c.startswith("damaged:")]
+    assert len(special) >= 8 and all(t["errors"] == t["files"] for t in special)
+    assert s["refusals"]["--out a hard link to an input"] == "exit 2, input unchanged: True"
+    assert s["refusals"]["manifest with a 140,000-character field"].startswith("exit 2: ") 
+    assert s["worst dangerous input"]["peak MiB"] < 1024 and s["worst dangerous input"]["seconds"] < 60

@@ -277,6 +277,8 @@ def test_the_approach_comparison_runs_by_name(tiny_course, tmp_path):
     from boneage.approaches import VARIANTS
     results = json.loads((course / "approaches.json").read_text())["results"]
     assert [x["approach"] for x in results] == list(VARIANTS) and all(x["epochs_run"] == 1 for x in results)
+    assert len(results[0]["train_seeds"]) == 3 and results[0]["mae_seed_sd"] is not None  # the final recipe: the yardstick
+    assert all(x["train_seeds"] == [results[0]["train_seeds"][0]] for x in results[1:])  # the rest: one seed, the recipe's
     md = (course / "approaches.md").read_text()
     assert "| Xception + ROI crop | " in md and "| EfficientNet-B4, frozen backbone ¹ |" in md and "random weights, 1 epoch each" in md
 

@@ -1,5 +1,5 @@
 """Reading what archives hold: DICOM with damaged headers, deep and odd images, odd file names — one line per problem."""
-import io, os, struct, zlib
+import io, json, os, struct, zlib
 from pathlib import Path
 
 import numpy as np
@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 
 from boneage.phantom import phantom_radiograph
-from boneage.reading import (ImageError, read_array, read_image, robust_window, to_uint8_gray, window_to_uint8,
-                             write_dicom)
+from boneage.reading import (ImageError, display_name, read_array, read_bytes, read_image, robust_window, to_uint8_gray,
+                             window_to_uint8, write_dicom)
 
 HAND = phantom_radiograph(120, True, 200, seed=2)[0]
 
@@ -47,6 +47,8 @@ def _dicom(tmp_path, **tags):
     ({"WindowCenter": 2000, "WindowWidth": -40}, "window unusable"),
     ({"WindowCenter": 2000, "WindowWidth": 500, "VOILUTFunction": "CUBIC"}, "window unusable"),
     ({"RescaleSlope": "", "RescaleIntercept": "0"}, None),
+    ({"WindowCenter": 2000}, "window unusable (a centre without a width"),  # real hands came in like these
+    ({"WindowCenter": 2000, "WindowWidth": ""}, "window unusable (a centre without a width"),
 ])
 def test_damaged_dicom_headers_fall_back_and_say_so(tmp_path, tags, note):
     r = read_image(_dicom(tmp_path, **tags))
@@ -80,7 +82,7 @@ def test_dicom_without_size_or_pixels_or_decoder(tmp_path):
     ds.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.90"  # JPEG 2000 lossless
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 60]); ds["PixelData"].VR = "OB"
     ds.save_as(tmp_path / "j2k.dcm", enforce_file_format=True)
-    with pytest.raises(ImageError, match=r"j2k.dcm: cannot decode its pixel data \(JPEG 2000"): read_image(tmp_path / "j2k.dcm")
+    with pytest.raises(ImageError, match=r"j2k.dcm: its JPEG 2000 .*pixel data cannot be decoded \(damaged"): read_image(tmp_path / "j2k.dcm")
     (tmp_path / "fake.dcm").write_text("not dicom")
     with pytest.raises(ImageError, match="fake.dcm: "): read_image(tmp_path / "fake.dcm")
 
@@ -212,13 +214,14 @@ def test_file_names_that_are_not_utf8(tmp_path):
     with open(raw, "wb") as f: Image.fromarray(HAND).save(f, "PNG")
     path = Path(os.fsdecode(raw))
     r = read_image(path)
-    assert np.array_equal(r.pixels, HAND) and "r\ufffdntgen.png" in r.source
-    r.source.encode("utf-8")  # printable
+    assert np.array_equal(r.pixels, HAND) and os.fsencode(r.source) == raw  # the path as given: the row matches the file
+    assert json.loads(json.dumps(r.source)) == r.source  # JSON keeps the undecodable bytes as surrogate escapes
+    assert display_name(r.source).endswith("r\ufffdntgen.png")  # printed, they show as �
 
 
 def test_unreadable_file_is_one_line(tmp_path, monkeypatch):
     Image.fromarray(HAND).save(tmp_path / "locked.png")
-    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
+    monkeypatch.setattr(os, "open", lambda *a, **k: (_ for _ in ()).throw(PermissionError(13, "Permission denied")))
     with pytest.raises(ImageError, match=r"locked.png: cannot read it \(permission denied\)"):
         read_image(tmp_path / "locked.png")
     with pytest.raises(ImageError, match="missing.png: file not found"):
@@ -266,3 +269,43 @@ def test_every_exif_orientation_gives_the_pixels_the_standard_defines(tmp_path, 
         r = read_image(tmp_path / f"o{orientation}.png")
         np.testing.assert_array_equal(r.pixels, turn(stored), err_msg=f"orientation {orientation}")
         assert (f"EXIF orientation {orientation} applied" in r.notes) == (orientation != 1)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this system")
+def test_only_regular_files_are_read_and_never_past_the_limit(tmp_path):
+    os.mkfifo(tmp_path / "pipe.png")
+    os.symlink("/dev/zero", tmp_path / "zero.png")
+    os.symlink(tmp_path / "loop.png", tmp_path / "loop.png")
+    for name, reason in (("pipe.png", "a named pipe \\(FIFO\\), not a regular file"), ("zero.png", "a character device, not a regular file"),
+                         ("loop.png", "cannot read it \\(Too many levels of symbolic links\\)")):
+        with pytest.raises(ImageError, match=f"{name}: {reason}"): read_image(tmp_path / name)
+    with pytest.raises(ImageError, match="not a usable file name"): read_image("a\0b.png")
+    Image.fromarray(HAND).save(tmp_path / "hand.png")
+    with pytest.raises(ImageError, match="hand.png: over the limit of 0 MiB for one radiograph; not read"):
+        read_bytes(tmp_path / "hand.png", max_bytes=100)
+
+
+def test_a_file_is_read_as_what_its_bytes_are(tmp_path):
+    Image.fromarray(HAND).save(tmp_path / "png.dcm", "PNG")
+    r = read_image(tmp_path / "png.dcm")
+    assert r.format == "PNG" and np.array_equal(r.pixels, HAND) and "named .dcm but holds a PNG image" in r.notes[-1]
+    path = _dicom(tmp_path)
+    (tmp_path / "cut.dcm").write_bytes(path.read_bytes()[:-5000])  # uncompressed, cut short
+    with pytest.raises(ImageError, match="cut.dcm: its pixel data is damaged or cut short"): read_image(tmp_path / "cut.dcm")
+
+
+def test_a_deflated_dicom_is_held_to_the_byte_limit(tmp_path, monkeypatch):
+    "500 frames of 1024² deflate to about a megabyte and would inflate to 1 GB: refused before pydicom inflates them."
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+    path = write_dicom(tmp_path / "cine.dcm", np.zeros((1024, 1024), np.uint16))
+    ds = pydicom.dcmread(path); ds.NumberOfFrames = 500; ds.PixelData = bytes(500 * 1024 * 1024 * 2)
+    ds.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    ds.save_as(tmp_path / "bomb.dcm", enforce_file_format=True)
+    assert (tmp_path / "bomb.dcm").stat().st_size < 3 * 2**20
+    with pytest.raises(ImageError, match="bomb.dcm: a deflated DICOM that inflates to over 256 MiB; not read"):
+        read_image(tmp_path / "bomb.dcm")
+    small = pydicom.dcmread(path); small.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    small.PixelData = (HAND.astype(np.uint16) * 16).tobytes(); small.Rows, small.Columns = HAND.shape
+    small.save_as(tmp_path / "small.dcm", enforce_file_format=True)
+    assert corr(read_image(tmp_path / "small.dcm").pixels, HAND) > 0.99  # a deflated hand within the limit reads
