@@ -112,14 +112,22 @@ def approaches_markdown(results, data_label, pretrained):
 
 # %% ../nbs/09_approaches.ipynb
 def plot_approaches(results, path=None):
-    "MAE of each approach with its 95% interval."
+    "MAE of each approach with its 95% interval, each training seed's MAE as a dot, and the final recipe's ±2 seed-SD band."
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(results) + 1.2))
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(results) + 1.6))
     names = [r["approach"] for r in results][::-1]
     mae = np.array([r["mae"] for r in results])[::-1]
     ci = np.array([r["mae_ci"] for r in results])[::-1]
-    ax.barh(names, mae, xerr=[mae - ci[:, 0], ci[:, 1] - mae], color="tab:blue", alpha=0.7, capsize=3)
-    ax.set_xlabel("test MAE (months), 95% bootstrap interval")
-    ax.set_title(f"The reference's choices, one at a time: {len(results)} approaches on the same split", fontsize=11); fig.tight_layout()
+    ax.barh(names, mae, xerr=[mae - ci[:, 0], ci[:, 1] - mae], color="tab:blue", alpha=0.6, capsize=3)
+    for y, r in enumerate(results[::-1]):  # every training seed's MAE
+        seeds = r.get("mae_by_seed") or [r["mae"]]
+        ax.plot(seeds, [y] * len(seeds), "o", color="black", ms=3, label="one training seed" if y == len(results) - 1 else None)
+    final = results[0]
+    if final.get("mae_seed_sd"):
+        sd = final["mae_seed_sd"]
+        ax.axvspan(final["mae"] - 2 * sd, final["mae"] + 2 * sd, color="grey", alpha=0.2, label="final recipe ± 2 seed SDs")
+    ax.set_xlabel("test MAE (months) with its 95% interval; dots: training seeds")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.set_title(f"{len(results)} approaches, one change each, on the same split", fontsize=11); fig.tight_layout()
     if path: fig.savefig(path, dpi=110)
     return fig
