@@ -88,7 +88,7 @@ def test_input_gate_report(bundle_dir, tmp_path):
     assert by["radiograph, 8-bit PNG"]["predicted"] == by["radiograph, 8-bit PNG"]["files"]
     compressed = [t for c, t in by.items() if c.startswith("radiograph, compressed DICOM")]
     assert len(compressed) == 9 and all(t["predicted"] == t["files"] > 0 for t in compressed)  # every syntax decoded
-    for c in ("window centre without a width", "empty window width", "PNG named .dcm", "name not UTF-8"):
+    for c in ("DICOM window centre without a width", "DICOM with an empty window width", "PNG named .dcm", "name not UTF-8"):
         assert by[f"radiograph, {c}"]["predicted"] == by[f"radiograph, {c}"]["files"], c  # read, never "blank" or lost
     special = [t for c, t in by.items() if c.startswith("special:") or c.startswith("damaged:")]
     assert len(special) >= 8 and all(t["errors"] == t["files"] for t in special)
