@@ -1,6 +1,6 @@
 """The input gate against what an archive holds: real radiographs in every form, damaged files, things that are not radiographs.
 
-    python bench/input_gate.py --model Bone_age_prediction/model [--out /tmp/boneage-gate]
+    python bench/input_gate.py --model Bone_age_prediction/model [--out /tmp/boneage-gate] [--n-real N]
 
 Builds the files (from the 40 RSNA radiographs when `../shared/data` is at hand, from phantoms otherwise, plus
 pydicom's own test files), runs `boneage predict` once over the whole folder as a user would, and counts per class of
@@ -21,7 +21,7 @@ def build(root, real):
     import cv2
     from PIL import Image
     import pydicom
-    from boneage.reading import write_dicom
+    from boneage.dicom_files import COMPRESSED_SYNTAXES, compress_dicom, write_dicom
     classes = collections.defaultdict(list)
     rng = np.random.default_rng(0)
     def put(cls, name, writer):
@@ -60,20 +60,13 @@ def build(root, real):
         put("not a radiograph: blank", f"{k}.png", lambda p: Image.fromarray(np.full((600, 400), rng.integers(0, 255), np.uint8)).save(p))
         put("not a radiograph: 8×8 icon", f"{k}.png", lambda p: Image.fromarray(rng.integers(0, 255, (8, 8), dtype=np.uint8)).save(p))
         put("not a radiograph: 1×10,000 strip", f"{k}.png", lambda p: Image.fromarray(rng.integers(0, 255, (1, 10000), dtype=np.uint8)).save(p))
-    from pydicom import uid
-    from boneage.reading import compress_dicom
-    syntaxes = {"JPEG Lossless SV1": uid.JPEGLosslessSV1, "JPEG Lossless": uid.JPEGLossless, "JPEG baseline (8-bit)": uid.JPEGBaseline8Bit,
-                "JPEG extended (12-bit)": uid.JPEGExtended12Bit, "JPEG-LS lossless": uid.JPEGLSLossless,
-                "JPEG-LS near-lossless": uid.JPEGLSNearLossless, "JPEG 2000 lossless": uid.JPEG2000Lossless,
-                "JPEG 2000 lossy": uid.JPEG2000, "RLE": uid.RLELossless}
-    options = {"JPEG-LS near-lossless": {"jls_error": 3}, "JPEG 2000 lossy": {"j2k_cr": [20]}}
     for k, img in enumerate(real[:10]):  # every compressed syntax a CR/DX machine exports, from the same hands
         plain = root.parent / "sources" / f"{k}.dcm"; plain.parent.mkdir(parents=True, exist_ok=True)  # outside the folder predicted
         write_dicom(plain, img.astype(np.uint16) * 16, Modality="CR", BodyPartExamined="HAND")
         write_dicom(plain.with_suffix(".8.dcm"), img, bits=8, Modality="CR", BodyPartExamined="HAND")
-        for label, syntax in syntaxes.items():
-            src = plain.with_suffix(".8.dcm") if "8-bit" in label else plain
-            put(f"radiograph, compressed DICOM: {label}", f"{k}.dcm", lambda p: compress_dicom(src, p, syntax, **options.get(label, {})))
+        for label, syntax in COMPRESSED_SYNTAXES.items():
+            src = plain.with_suffix(".8.dcm") if syntax.bits == 8 else plain
+            put(f"radiograph, compressed DICOM: {label}", f"{k}.dcm", lambda p: compress_dicom(src, p, syntax.uid, **syntax.options))
         put("radiograph, DICOM window centre without a width", f"{k}.dcm", lambda p: write_dicom(p, img.astype(np.uint16) * 16, WindowCenter=2000))
         put("radiograph, DICOM with an empty window width", f"{k}.dcm", lambda p: write_dicom(p, img.astype(np.uint16) * 16, WindowCenter=2000, WindowWidth=""))
         put("radiograph, PNG named .dcm", f"{k}.dcm", lambda p: Image.fromarray(img).save(p, "PNG"))
@@ -85,6 +78,7 @@ def build(root, real):
         put("special: a .png link to the zero device", "zero.png", lambda p: os.symlink("/dev/zero", p))
         put("special: a .jpg link to the random device", "noise.jpg", lambda p: os.symlink("/dev/urandom", p))
         put("special: a symbolic link loop named .png", "loop.png", lambda p: os.symlink(p, p))
+    from pydicom import uid
     def deflated_frames(p):  # 500 frames of 1024²: about a megabyte deflated, 1 GB inflated
         ds = pydicom.dcmread(write_dicom(p, np.zeros((1024, 1024), np.uint16)))
         ds.NumberOfFrames, ds.PixelData = 500, bytes(500 * 1024 * 1024 * 2)
@@ -105,6 +99,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="Bone_age_prediction/model")
     ap.add_argument("--out", default=str(Path(tempfile.gettempdir()) / "boneage-gate"))
+    ap.add_argument("--n-real", type=int, help="use the first N real radiographs (default: all); every class is still built")
     args = ap.parse_args()
     from boneage.bundle import load_bundle
     from boneage.data import find_rsna_sample
@@ -115,7 +110,7 @@ def main():
     else:
         from boneage.phantom import phantom_radiograph
         real, source = [phantom_radiograph(a, a % 2 == 0, 512, seed=a)[0] for a in range(12, 228, 6)], "36 phantoms (no RSNA sample at hand)"
-    classes = build(root / "in", real)
+    classes = build(root / "in", real[:args.n_real])
     out = root / "rows.jsonl"
     predict = lambda *a: subprocess.run([sys.executable, "-m", "boneage", "predict", *map(str, a), "--model", args.model, "--no-progress"],
                                         capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}, timeout=3600)
@@ -134,6 +129,8 @@ def main():
                       "errors": c["error"], "no row": c["no row"]})
     # Each input that could take a machine down, alone in its own predict process: seconds and peak memory
     def alone(path):
+        # Through a small Python in between: Linux carries a process's peak RSS across fork and exec, so a predict forked
+        # straight from this process (gigabytes of test images held) would report this process's peak, not its own.
         code = ("import resource, subprocess, sys, time; t = time.time(); subprocess.run(sys.argv[1:], capture_output=True); "
                 "print(time.time() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
         cmd = [sys.executable, "-m", "boneage", "predict", str(path), "--sex", "M", "--model", args.model, "--no-progress"]

@@ -3,6 +3,7 @@
     python bench/predict.py                      # the 40 real radiographs beside the repository, 256², batch 1 and 8
     python bench/predict.py --backends onnx onnx-int8 --batch 8 --repeats 1
     python bench/predict.py --images DIR --bundle Bone_age_prediction/model
+    python bench/predict.py --bundle Bone_age_prediction/model_real --backends keras --resize-check --batch 8 --repeats 1
 
 Cold start is a fresh `boneage predict IMAGE` process, from launch to its exit after printing the one result.
 Warm is a loaded `Predictor` running `predict_many` over the images (read, letterbox, scale, model) after one
@@ -125,6 +126,36 @@ def plain_onnx(images, onnx_file, size, batch, passes):
     return passes * len(images) / (time.perf_counter() - t0)
 
 
+def resize_check(images, bundle, backend):
+    """A cheaper shrink against the letterbox's one area resize: whole blocks first (OpenCV's fast integer-factor area
+    path) while the image stays at least 4× the model size, then area. Prints each one's time per image, the grey levels
+    the two give apart, and how far the bundle's bone ages move on these images when predicted through each."""
+    import cv2, numpy as np
+    import boneage.preprocess as pp
+    from boneage.bundle import load_bundle
+    from boneage.inference import Predictor
+    from boneage.reading import read_image
+    size, one_step = load_bundle(bundle).image_size, pp.letterbox
+    def two_steps(img, size=256, interpolation=None):
+        k = int(max(img.shape[:2]) / (4 * size)) if interpolation is None else 1
+        if k >= 2: img = cv2.resize(img, (img.shape[1] // k, img.shape[0] // k), interpolation=cv2.INTER_AREA)
+        return one_step(img, size, interpolation)
+    pixels = [read_image(p).pixels for p in images]
+    ms, ages = {}, {}
+    for name, shrink in (("one area resize", one_step), ("two steps", two_steps)):
+        t0 = time.perf_counter()
+        for img in pixels: shrink(img, size)
+        ms[name] = 1000 * (time.perf_counter() - t0) / len(pixels)
+        pp.letterbox = shrink  # the bundle's own preparation, with this shrink
+        try: ages[name] = np.array([r.bone_age_months for r in Predictor(bundle, backend, gate=False).predict_many([(str(i), True) for i in images])], float)
+        finally: pp.letterbox = one_step
+    diff = np.concatenate([np.abs(one_step(i, size).astype(int) - two_steps(i, size)).ravel() for i in pixels])
+    moved = np.abs(ages["one area resize"] - ages["two steps"])
+    print(f"resize to {size}²: one area resize {ms['one area resize']:.1f} ms, two steps {ms['two steps']:.1f} ms per image; "
+          f"pixels apart by {diff.mean():.2f} grey levels on average (largest {diff.max()}); {backend} bone ages moved by "
+          f"{moved.mean():.2f} months on average (largest {moved.max():.2f}) over {len(images)} images")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", help="folder of radiographs (default: the shared RSNA sample)")
@@ -134,12 +165,14 @@ def main():
     ap.add_argument("--passes", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3, help="cold starts per backend (median reported)")
     ap.add_argument("--backends", nargs="+", default=["onnx", "onnx-int8", "keras"], choices=["onnx", "onnx-int8", "keras"])
+    ap.add_argument("--resize-check", action="store_true", help="also compare a cheaper two-step shrink: time, pixels, bone ages")
     args = ap.parse_args()
     folder, images = benchmark_images(args.images)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = Path(args.bundle) if args.bundle else make_bundle(Path(tmp) / "bundle", args.size)
         print(f"{len(images)} images from {folder}; bundle {bundle}; {os.cpu_count()} CPUs")
         print(f"reading one image (decode to 8-bit grey, one thread): {reading_ms(images):.1f} ms")
+        if args.resize_check: resize_check(images, bundle, args.backends[0])
         from boneage.bundle import load_bundle
         int8_bundle = bundle
         if "onnx-int8" in args.backends and load_bundle(bundle).onnx_file("onnx_int8") is None:

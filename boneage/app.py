@@ -9,7 +9,7 @@ __all__ = ['AGE_UNITS', 'STYLE', 'predict_uploads', 'provenance', 'render_page',
 import base64, csv, html, io, tempfile
 from pathlib import Path
 
-from .inference import PHANTOM_WARNING, FIELDS, Predictor, Request
+from .inference import PHANTOM_WARNING, FIELDS, Predictor, Request, readable
 
 # %% ../nbs/10_app.ipynb
 AGE_UNITS = {"months": 1.0, "years": 12.0}
@@ -90,13 +90,14 @@ def render_results(results):
     rows = ["<table id='results'><tr><th>image</th><th>sex</th><th>bone age</th><th>interval</th><th>stage</th>"
             "<th>chronological age</th><th>assessment</th><th>status</th><th>where the model looked (Grad-CAM)</th></tr>"]
     for r in results:
-        age = "—" if r["bone_age_months"] is None else f"{r['bone_age_months']:.1f} months ({r['bone_age_years']:.1f} y)"
-        interval = "—" if r["interval_low"] is None else f"{r['interval_low']:.0f}–{r['interval_high']:.0f} ({r['coverage']:.0%})"
+        t = readable(r)
+        age = "—" if r["bone_age_months"] is None else f"{t['bone_age_months']} months ({t['bone_age_years']} y)"
+        interval = "—" if r["interval_low"] is None else f"{t['interval']} ({t['coverage']})"
         why = "; ".join(x for x in (r["reasons"], r["notes"]) if x)
         cam = f"<img class='cam' alt='Grad-CAM of {_esc(r['source'])}' src='data:image/png;base64,{r['overlay']}'>" if r["overlay"] else ""
-        diff = "" if r["difference_months"] is None else f" ({r['difference_months']:+.1f})"
-        rows.append(f"<tr><td>{_esc(r['source'])}</td><td>{_esc(r['sex'])}</td><td class='age'>{age}</td><td>{interval}</td>"
-                    f"<td>{_esc(r['stage'])}</td><td>{_esc(r['chronological_age_months'])}</td><td>{_esc(r['assessment'])}{diff}</td>"
+        diff = "" if r["difference_months"] is None else f" ({t['difference_months']})"
+        rows.append(f"<tr><td>{_esc(r['source'])}</td><td>{_esc(t['sex'])}</td><td class='age'>{age}</td><td>{interval}</td>"
+                    f"<td>{_esc(t['stage'])}</td><td>{t['chronological_age_months']}</td><td>{_esc(t['assessment'])}{diff}</td>"
                     f"<td class='{r['status']}'>{r['status']}<br><small>{_esc(why)}</small></td><td>{cam}</td></tr>")
     buf = io.StringIO(); w = csv.DictWriter(buf, FIELDS, extrasaction="ignore"); w.writeheader(); w.writerows(results)
     link = f"<p><a id='csv' download='bone_ages.csv' href='data:text/csv;base64,{base64.b64encode(buf.getvalue().encode()).decode()}'>Download these rows as CSV</a></p>"

@@ -7,7 +7,7 @@ __all__ = ['VARIANTS', 'REFERENCE_APPROACHES', 'NEEDS_PRETRAINED', 'slug', 'vari
            'approaches_markdown', 'plot_approaches']
 
 # %% ../nbs/09_approaches.ipynb
-import json, re, time
+import re, time
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from .evaluate import regression_cis, regression_metrics, stage_metrics
 from .preprocess import build_cache
-from .runs import fingerprint_parts
+from .runs import fingerprint_parts, previous_fingerprint
 from .train import predict_split, train
 
 # %% ../nbs/09_approaches.ipynb
@@ -57,9 +57,8 @@ def variant_settings(name, base_spec, base_config):
 
 # %% ../nbs/09_approaches.ipynb
 def _is_course_model(out_dir, df, spec, config):
-    "Whether the course's own finished model in `out_dir/model` was trained on this data with exactly this recipe."
-    done = Path(out_dir) / "model" / "training.json"
-    return done.is_file() and json.loads(done.read_text()).get("fingerprint") == fingerprint_parts(df, spec, config)
+    "Whether the course's own model in `out_dir/model` (finished, or interrupted: `train` resumes it) has this data and recipe."
+    return previous_fingerprint(Path(out_dir) / "model") == fingerprint_parts(df, spec, config)
 
 def train_variant(name, df, base_spec, base_config, out_dir, cache, train_seed=None, verbose=True):
     "Train variant `name` with `train_seed` (default: the recipe's), or load it: the final recipe is the course's own model when that matches."

@@ -11,7 +11,7 @@ import csv, io, json, os, stat, sys
 from pathlib import Path
 
 from .clinical import BoneAgeError
-from .inference import FIELDS, PHANTOM_WARNING, STATUSES, Predictor, Request, need_keras
+from .inference import FIELDS, PHANTOM_WARNING, STATUSES, Predictor, Request, need_keras, readable
 from .reading import IMAGE_SUFFIXES, ImageError, display_name, is_dicom, read_bytes
 
 MAX_MANIFEST_BYTES = 64 * 2**20  # a manifest of a million rows is about 60 MB
@@ -146,11 +146,9 @@ class Output:
         elif self.fmt == "json": self.file.write(("," if self.n else "") + "\n" + json.dumps(d))
         elif self.fmt == "jsonl": self.file.write(json.dumps(d) + "\n")
         else:
-            dash = lambda v, f="{}": "—" if v is None else f.format(v)
-            self._line([display_name(Path(d["source"]).name), dash(d["sex"]), dash(d["bone_age_months"]), dash(d["bone_age_years"], "{:.1f}"),
-                        "—" if d["interval_low"] is None else f"{d['interval_low']:.0f}–{d['interval_high']:.0f}",
-                        dash(d["stage"]), dash(d["chronological_age_months"]), dash(d["difference_months"], "{:+.1f}"),
-                        dash(d["assessment"]), d["status"]])
+            t = readable(d)
+            self._line([display_name(Path(d["source"]).name), *(t[k] for k in ("sex", "bone_age_months", "bone_age_years", "interval", "stage",
+                        "chronological_age_months", "difference_months", "assessment")), d["status"]])
         self.n += 1
         self.file.flush()
 

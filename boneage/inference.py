@@ -4,8 +4,8 @@
 
 # %% auto 0
 __all__ = ['STATUSES', 'FIELDS', 'PHANTOM_WARNING', 'KerasRunner', 'OnnxRunner', 'export_onnx', 'quantize_onnx',
-           'BoneAgePrediction', 'as_dict', 'describe', 'Request', 'read_input', 'gate_input', 'tta_views', 'need_keras',
-           'Predictor', 'predict_many', 'predict']
+           'BoneAgePrediction', 'as_dict', 'readable', 'describe', 'Request', 'read_input', 'gate_input', 'tta_views',
+           'need_keras', 'Predictor', 'predict_many', 'predict']
 
 # %% ../nbs/08_inference.ipynb
 import os, subprocess, sys
@@ -171,16 +171,24 @@ def as_dict(r):
             "chronological_age_months": _round(r.chronological_age_months), "difference_months": _round(r.difference_months),
             "assessment": r.assessment, "gate_score": _round(r.gate_score, 2), "notes": "; ".join(r.notes)}
 
+def readable(row):
+    "A row's values as people read them, the same in the paragraph, the terminal table and the web page: a dash for what is missing."
+    text = lambda k, f="{}": "—" if row[k] is None or row[k] == "" else f.format(row[k])
+    return {"sex": text("sex"), "bone_age_months": text("bone_age_months", "{:.1f}"), "bone_age_years": text("bone_age_years", "{:.1f}"),
+            "interval": "—" if row["interval_low"] is None else f"{row['interval_low']:.0f}–{row['interval_high']:.0f}",
+            "coverage": text("coverage", "{:.0%}"), "stage": text("stage"), "chronological_age_months": text("chronological_age_months", "{:.0f}"),
+            "difference_months": text("difference_months", "{:+.1f}"), "assessment": text("assessment")}
+
 def describe(r):
     "One readable paragraph for a result."
-    name = Path(r.source).name if r.source else "<image>"
+    name, t = Path(r.source).name if r.source else "<image>", readable(as_dict(r))
     if r.bone_age_months is None: return f"{name}: {r.status}: " + "; ".join(r.reasons)
-    s = f"{name} ({'M' if r.male else 'F'}): bone age {r.bone_age_months:.1f} months ({r.bone_age_years:.1f} y)"
-    if r.interval_low is not None: s += f", {r.coverage:.0%} interval {r.interval_low:.0f}–{r.interval_high:.0f}"
+    s = f"{name} ({t['sex']}): bone age {t['bone_age_months']} months ({t['bone_age_years']} y)"
+    if r.interval_low is not None: s += f", {t['coverage']} interval {t['interval']}"
     if r.stage: s += f", {r.stage}"
     if r.difference_months is not None:
         s += (f"; {abs(r.difference_months):.1f} months {'ahead of' if r.difference_months >= 0 else 'behind'} "
-              f"chronological age {r.chronological_age_months:.0f} ({r.assessment})")
+              f"chronological age {t['chronological_age_months']} ({r.assessment})")
     return s + "".join(f"\n  {r.status}: {w}" for w in r.reasons) + "".join(f"\n  note: {n}" for n in r.notes)
 
 BoneAgePrediction.as_dict, BoneAgePrediction.__str__ = as_dict, describe

@@ -5,8 +5,7 @@
 # %% auto 0
 __all__ = ['IMAGE_SUFFIXES', 'MAX_PIXELS', 'MAX_FILE_BYTES', 'DEEP_WINDOW_PERCENTILES', 'FORMATS', 'DEFLATED', 'SIGNATURES',
            'ImageError', 'Radiograph', 'display_name', 'colourfulness', 'to_gray', 'window_to_uint8', 'robust_window',
-           'to_uint8_gray', 'sniff', 'is_dicom', 'read_bytes', 'read_image', 'read_array', 'write_dicom',
-           'compress_dicom']
+           'to_uint8_gray', 'sniff', 'is_dicom', 'read_bytes', 'read_image', 'read_array']
 
 # %% ../nbs/01a_reading.ipynb
 import io, os, stat, warnings, zlib
@@ -75,6 +74,7 @@ def robust_window(img, percentiles=DEEP_WINDOW_PERCENTILES):
     lo, hi = np.percentile(np.asarray(img)[::4, ::4], percentiles)
     return float(lo), float(hi)
 
+# %% ../nbs/01a_reading.ipynb
 def to_uint8_gray(img, percentiles=DEEP_WINDOW_PERCENTILES):
     "A decoded image as 2-D uint8 grey: 8-bit values kept, deeper ones stretched between `percentiles`."
     gray = to_gray(img)
@@ -89,6 +89,7 @@ def _check_pixels(name, width, height, max_pixels, what=""):
     if width * height > max_pixels:
         raise ImageError(f"{name}: {what}{width}×{height} pixels is over the limit of {max_pixels:,}; refused before decoding")
 
+# %% ../nbs/01a_reading.ipynb
 def _open(data, name, max_pixels):
     "The Pillow image (at its largest page), its format, page count and notes; nothing decoded yet."
     from PIL import Image, UnidentifiedImageError
@@ -201,6 +202,7 @@ def _needs_gdcm(ds):
     uid = ds.get("file_meta", {}).get("TransferSyntaxUID")
     return uid == "1.2.840.10008.1.2.4.51" and _header_int(ds, "BitsStored") > 8
 
+# %% ../nbs/01a_reading.ipynb
 def _gdcm_first_frame(data, rows, cols):
     "The first frame as GDCM's reader decodes it (it reads files, so the bytes go through a temporary one)."
     import tempfile, gdcm
@@ -223,6 +225,7 @@ def _unwrap_ringing(px, bits, notes):
         notes.append(f"12-bit JPEG: {int(wrapped.sum())} pixels of ringing below black that the decoder wrapped to white set to black")
     return px
 
+# %% ../nbs/01a_reading.ipynb
 def _decoder_available(uid):
     "Whether pydicom has a working decoder for transfer syntax `uid` in this install."
     from pydicom.pixels import get_decoder
@@ -239,23 +242,15 @@ def _usable_window(ds):
     try: return np.isfinite(first(ds.WindowCenter)) and first(ds.WindowWidth) > 0
     except Exception: return False  # absent, empty or not a number
 
-def _read_dicom(data, name, max_pixels, percentiles):
-    import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-    _check_inflated_size(data, name)
-    try: ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except Exception as e: raise ImageError(f"{name}: not a readable DICOM file ({type(e).__name__})") from None
-    if "PixelData" not in ds: raise ImageError(f"{name}: DICOM without pixel data")
-    rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
-    if rows <= 0 or cols <= 0: raise ImageError(f"{name}: DICOM with no image size (Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r})")
-    frames = max(1, _header_int(ds, "NumberOfFrames"))
-    _check_pixels(name, cols, rows, max_pixels)
-    notes = [f"multi-frame DICOM ({frames} frames): read frame 1"] if frames > 1 else []
+# %% ../nbs/01a_reading.ipynb
+def _dicom_pixels(ds, data, name, frames, notes):
+    "The stored pixels of the first frame; a failure says whether the data is damaged or no decoder handles its syntax."
+    from pydicom.pixels import pixel_array
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            px = pixel_array(ds, index=0 if frames > 1 else None) if not _needs_gdcm(ds) else \
-                 _unwrap_ringing(_gdcm_first_frame(data, rows, cols), _header_int(ds, "BitsStored"), notes)
+            return pixel_array(ds, index=0 if frames > 1 else None) if not _needs_gdcm(ds) else \
+                 _unwrap_ringing(_gdcm_first_frame(data, _header_int(ds, "Rows"), _header_int(ds, "Columns")), _header_int(ds, "BitsStored"), notes)
     except Exception as e:
         uid = ds.get("file_meta", {}).get("TransferSyntaxUID")
         if uid is not None and not uid.is_compressed:  # nothing to decode: the stored pixels are damaged or cut short
@@ -265,12 +260,10 @@ def _read_dicom(data, name, max_pixels, percentiles):
             raise ImageError(f"{name}: its {syntax} pixel data cannot be decoded (damaged: {type(e).__name__})") from None
         raise ImageError(f"{name}: cannot decode its pixel data ({syntax}): this install has no decoder for it; "
                          "export the image uncompressed") from None
-    sex = {"M": True, "F": False}.get((_tag(ds, "PatientSex") or "").upper())
-    meta = dict(sex=sex, modality=_tag(ds, "Modality"), body_part=_tag(ds, "BodyPartExamined"),
-                birth_date=_tag(ds, "PatientBirthDate"), study_date=_tag(ds, "StudyDate") or _tag(ds, "AcquisitionDate"))
-    bits = _header_int(ds, "BitsStored") or 8 * px.dtype.itemsize
-    if px.ndim == 3:  # colour DICOM (pydicom returns RGB)
-        return Radiograph(to_uint8_gray(px, percentiles), name, "DICOM", bits, colourfulness(px), frames, notes=notes, **meta)
+
+def _dicom_grey(ds, px, notes, percentiles):
+    "Stored values to 8-bit grey: the modality LUT, then the file's window (or the robust one when it is unusable), then MONOCHROME1 inverted."
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
     try: real = apply_modality_lut(px, ds)
     except Exception as e:
         real = px; notes.append(f"modality LUT unusable ({type(e).__name__}); used the stored values")
@@ -288,8 +281,31 @@ def _read_dicom(data, name, max_pixels, percentiles):
     if img is None:
         img = window_to_uint8(real, *robust_window(real, percentiles))
     if (_tag(ds, "PhotometricInterpretation") or "MONOCHROME2").upper() == "MONOCHROME1": img = 255 - img
+    return img
+
+# %% ../nbs/01a_reading.ipynb
+def _read_dicom(data, name, max_pixels, percentiles):
+    import pydicom
+    _check_inflated_size(data, name)
+    try: ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except Exception as e: raise ImageError(f"{name}: not a readable DICOM file ({type(e).__name__})") from None
+    if "PixelData" not in ds: raise ImageError(f"{name}: DICOM without pixel data")
+    rows, cols = _header_int(ds, "Rows"), _header_int(ds, "Columns")
+    if rows <= 0 or cols <= 0: raise ImageError(f"{name}: DICOM with no image size (Rows {ds.get('Rows')!r}, Columns {ds.get('Columns')!r})")
+    frames = max(1, _header_int(ds, "NumberOfFrames"))
+    _check_pixels(name, cols, rows, max_pixels)
+    notes = [f"multi-frame DICOM ({frames} frames): read frame 1"] if frames > 1 else []
+    px = _dicom_pixels(ds, data, name, frames, notes)
+    sex = {"M": True, "F": False}.get((_tag(ds, "PatientSex") or "").upper())
+    meta = dict(sex=sex, modality=_tag(ds, "Modality"), body_part=_tag(ds, "BodyPartExamined"),
+                birth_date=_tag(ds, "PatientBirthDate"), study_date=_tag(ds, "StudyDate") or _tag(ds, "AcquisitionDate"))
+    bits = _header_int(ds, "BitsStored") or 8 * px.dtype.itemsize
+    if px.ndim == 3:  # colour DICOM (pydicom returns RGB)
+        return Radiograph(to_uint8_gray(px, percentiles), name, "DICOM", bits, colourfulness(px), frames, notes=notes, **meta)
+    img = _dicom_grey(ds, px, notes, percentiles)
     return Radiograph(img, name, "DICOM", bits, 0.0, frames, notes=notes, **meta)
 
+# %% ../nbs/01a_reading.ipynb
 def _voi_range(ds, windowed):
     "The output range of the VOI step: what the window maps far-below and far-above values to, or the LUT's range."
     if "VOILUTSequence" in ds: return float(windowed.min()), float(windowed.max())
@@ -318,6 +334,7 @@ def _not_regular(name, mode):
     kind = next((k for test, k in _SPECIAL if test(mode)), "not a regular file")
     return ImageError(f"{name}: {kind}, not a regular file; only files are read")
 
+# %% ../nbs/01a_reading.ipynb
 def read_bytes(path, max_bytes=MAX_FILE_BYTES):
     "A regular file's bytes, at most `max_bytes`; else an `ImageError` naming it: not found, not a file, too large, unreadable, empty."
     name = display_name(path)
@@ -365,43 +382,3 @@ def read_array(arr, source="<array>", percentiles=DEEP_WINDOW_PERCENTILES):
     if arr.dtype.kind == "f" and not np.isfinite(arr).all(): raise ImageError(f"{source}: the array holds NaN or infinite values")
     colour = colourfulness(arr) if arr.ndim == 3 and arr.shape[2] >= 3 else 0.0
     return Radiograph(to_uint8_gray(arr, percentiles), source, "array", 8 * arr.dtype.itemsize, colour)
-
-# %% ../nbs/01a_reading.ipynb
-def write_dicom(path, stored, photometric="MONOCHROME2", bits=12, sex="M", **tags):
-    "Write a minimal uncompressed DICOM radiograph holding `stored` pixel values (8 bits: one byte each, else two)."
-    import pydicom
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"  # digital X-ray
-    meta.MediaStorageSOPInstanceUID, meta.TransferSyntaxUID = generate_uid(), ExplicitVRLittleEndian
-    ds = pydicom.Dataset(); ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID, ds.PatientSex = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID, sex
-    ds.Modality = tags.pop("Modality", "DX")
-    ds.Rows, ds.Columns = stored.shape
-    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.PixelRepresentation = 1, photometric, 0
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8 if bits <= 8 else 16, bits, bits - 1
-    for k, v in tags.items(): setattr(ds, k, v)
-    ds.PixelData = np.asarray(stored).astype(np.uint8 if bits <= 8 else np.uint16).tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    return Path(path)
-
-# %% ../nbs/01a_reading.ipynb
-_GDCM_SYNTAXES = {"1.2.840.10008.1.2.4.50": "JPEGBaselineProcess1", "1.2.840.10008.1.2.4.51": "JPEGExtendedProcess2_4",
-                  "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14", "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1"}
-
-def compress_dicom(src, dst, syntax, **kwargs):
-    "A copy of DICOM file `src` in transfer syntax `syntax` (a UID): JPEG by GDCM; RLE, JPEG-LS and JPEG 2000 by pydicom (`kwargs`: its encoder's options)."
-    import pydicom
-    if str(syntax) not in _GDCM_SYNTAXES:
-        ds = pydicom.dcmread(src); ds.compress(syntax, **kwargs); ds.save_as(dst, enforce_file_format=True)
-        return Path(dst)
-    import gdcm
-    reader = gdcm.ImageReader(); reader.SetFileName(str(src))
-    if not reader.Read(): raise ImageError(f"{display_name(src)}: GDCM cannot read it")
-    change = gdcm.ImageChangeTransferSyntax(); change.SetInput(reader.GetImage())
-    change.SetTransferSyntax(gdcm.TransferSyntax(getattr(gdcm.TransferSyntax, _GDCM_SYNTAXES[str(syntax)])))
-    if not change.Change(): raise ImageError(f"{display_name(src)}: GDCM cannot encode it as {_GDCM_SYNTAXES[str(syntax)]} (JPEG baseline needs 8 bits)")
-    writer = gdcm.ImageWriter(); writer.SetFileName(str(dst)); writer.SetFile(reader.GetFile()); writer.SetImage(change.GetOutput())
-    if not writer.Write(): raise ImageError(f"{display_name(dst)}: GDCM could not write it")
-    return Path(dst)

@@ -188,7 +188,9 @@ def pytest_collection_modifyitems(config, items):
     course. With test processes (pytest-xdist), the first one starts making the shared things at once, in the
     background, while the test processes run the tests that need none, rather than a test process waiting on a lock
     while another makes them."""
-    items.sort(key=_needs)  # stable: each group keeps the files' order (every process sorts alike)
+    # stable: each group keeps the files' order (every process sorts alike), its long tests first: a test process keeps
+    # two tests queued that the other cannot take, so a long one queued last would leave the other process idle
+    items.sort(key=lambda item: (_needs(item), item.get_closest_marker("long") is None))
     if os.environ.get("PYTEST_XDIST_WORKER") != "gw0": return
     needed = set().union(*(getattr(i, "fixturenames", ()) for i in items))
     names = [n for n in MAKERS if n in needed]

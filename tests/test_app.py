@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from boneage.app import create_app, provenance, render_page
 from boneage.inference import Predictor
-from boneage.reading import write_dicom
+from boneage.dicom_files import write_dicom
 
 from conftest import CHROMIUM, CHROMIUM_FLAGS as FLAGS, ROOT, need
 

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from boneage.batch import find_images
-from boneage.reading import write_dicom
+from boneage.dicom_files import write_dicom
 
 from conftest import ROOT
 
@@ -192,18 +192,13 @@ def test_real_radiographs_through_the_command(bundle_dir, rsna_sample, tmp_path)
 
 def compressed_copies(hand, folder):
     "A real hand radiograph as DICOM in every transfer syntax a clinic sends: {file name: lossless?}."
-    from pydicom import uid
-    from boneage.reading import compress_dicom
+    from boneage.dicom_files import COMPRESSED_SYNTAXES, compress_dicom
     folder.mkdir(parents=True, exist_ok=True)
-    u8, u12 = write_dicom(folder / "u8.dcm", hand, bits=8), write_dicom(folder / "u12.dcm", hand.astype(np.uint16) * 16, bits=12)
-    copies = {"jpeg-lossless-sv1.dcm": (u12, uid.JPEGLosslessSV1, {}), "jpeg-lossless.dcm": (u12, uid.JPEGLossless, {}),
-              "jpeg-baseline.dcm": (u8, uid.JPEGBaseline8Bit, {}), "jpeg-extended-12bit.dcm": (u12, uid.JPEGExtended12Bit, {}),
-              "jpeg-ls.dcm": (u12, uid.JPEGLSLossless, {}), "jpeg-ls-near.dcm": (u12, uid.JPEGLSNearLossless, {"jls_error": 3}),
-              "j2k-lossless.dcm": (u12, uid.JPEG2000Lossless, {}), "j2k-lossy.dcm": (u12, uid.JPEG2000, {"j2k_cr": [20]}),
-              "rle.dcm": (u12, uid.RLELossless, {})}
-    for name, (src, syntax, kw) in copies.items(): compress_dicom(src, folder / name, syntax, **kw)
-    lossy = {"jpeg-baseline.dcm", "jpeg-extended-12bit.dcm", "jpeg-ls-near.dcm", "j2k-lossy.dcm"}
-    return {p.name: p.name not in lossy for p in sorted(folder.glob("*.dcm"))}
+    plain = {8: write_dicom(folder / "u8.dcm", hand, bits=8), 12: write_dicom(folder / "u12.dcm", hand.astype(np.uint16) * 16, bits=12)}
+    files = {p.name: True for p in plain.values()}
+    for label, s in COMPRESSED_SYNTAXES.items():
+        files[compress_dicom(plain[s.bits], folder / f"{label}.dcm", s.uid, **s.options).name] = s.lossless
+    return files
 
 
 def test_compressed_hand_dicoms_give_the_bone_age_of_their_original(bundle_dir, rsna_sample, tmp_path):
@@ -220,7 +215,7 @@ def test_compressed_hand_dicoms_give_the_bone_age_of_their_original(bundle_dir, 
     assert all(x["bone_age_months"] for x in got.values()), {k: x["reasons"] for k, x in got.items() if not x["bone_age_months"]}
     age = {k: float(x["bone_age_months"]) for k, x in got.items()}
     for name, lossless in files.items():
-        original = age["u8.dcm" if name in ("jpeg-baseline.dcm", "u8.dcm") else "u12.dcm"]
+        original = age["u8.dcm" if name in ("JPEG baseline (8-bit).dcm", "u8.dcm") else "u12.dcm"]
         if lossless: assert age[name] == original, (name, age[name], original)
         else: assert abs(age[name] - original) <= 1.0, (name, age[name], original)
 

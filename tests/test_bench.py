@@ -39,6 +39,7 @@ def test_time_to_accuracy_prints_test_mae_per_epoch(tmp_path):
     assert 0 < out["floor_mae"] < 6 and all(r["test_mae"] > 0 for r in out["rows"])
 
 
+@pytest.mark.long
 def test_gpu_reference_runs_on_a_cpu(tmp_path):
     out = bench("gpu_reference.py", "--n-images", 100, "--size", 64, "--batch", 8, "--epochs", 1, "--minutes", 1,
                 "--n-scored", 4, "--precision", "float32", "--workers", 1, "--work", tmp_path / "work", "--out", tmp_path / "out")
@@ -50,15 +51,17 @@ def test_gpu_reference_runs_on_a_cpu(tmp_path):
 
 def test_predict_speed(bundle_dir, rsna_sample):
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "predict.py"), "--bundle", bundle_dir, "--batch", "4",
-                        "--passes", "1", "--repeats", "1", "--backends", "onnx", "onnx-int8"], capture_output=True, text=True,
+                        "--passes", "1", "--repeats", "1", "--backends", "onnx", "onnx-int8", "--resize-check"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "cold start" in r.stdout and "onnx-int8 warm, batch 4" in r.stdout  # an int8 copy made for the run
     assert re.search(r"onnx-int8 warm, batch 4: .* a plain ONNX Runtime session on the same file \d+\.\d images/s, ratio \d+\.\d\d", r.stdout)
     assert re.search(r"reading one image .*: \d+\.\d ms", r.stdout)
+    assert re.search(r"resize to 72²: one area resize \d+\.\d ms, two steps \d+\.\d ms .* moved by \d+\.\d\d months on average .* over 40 images", r.stdout)
     assert not (Path(bundle_dir) / "model-int8.onnx").exists()  # in a temporary copy: the bundle is left as it was
 
 
+@pytest.mark.long
 def test_archive_speed(bundle_dir, trained_phantom, one_ray_at_a_time):
     pytest.importorskip("ray", reason="the archive extra is not installed (pip install -e '.[archive]')")
     _, _, data, _ = trained_phantom
@@ -80,7 +83,7 @@ def test_scale_rehearsal_counts_what_each_notebook_opens(tmp_path):
 
 
 def test_input_gate_report(bundle_dir, tmp_path):
-    out = bench("input_gate.py", "--model", bundle_dir, "--out", tmp_path)
+    out = bench("input_gate.py", "--model", bundle_dir, "--out", tmp_path, "--n-real", "4")  # every class, 4 hands each
     s = out["summary"]
     assert s["tracebacks"] == 0 and s["batch aborts"] == 0 and s["rows"] == s["files"]
     by = {t["class"]: t for t in out["table"]}

@@ -4,7 +4,7 @@ import pandas as pd
 import pytest
 
 from boneage.clinical import parse_sex
-from boneage.reading import write_dicom
+from boneage.dicom_files import write_dicom
 from boneage.data import (SPLIT_FRACTIONS, DataError, MissingStepError, load_dataset, part_sizes, read_labels,
                           read_split, split_dataset, split_fingerprint, summarize_problems, write_split)
 

@@ -7,7 +7,8 @@ from PIL import Image
 
 from boneage.gate import (check_radiograph, feature_scores, fit_feature_gate, load_gate, looks_inverted)
 from boneage.phantom import phantom_radiograph
-from boneage.reading import read_array, read_image, write_dicom
+from boneage.dicom_files import write_dicom
+from boneage.reading import read_array, read_image
 
 HAND = phantom_radiograph(100, False, 256, seed=4)[0]
 

@@ -8,7 +8,8 @@ from PIL import Image
 
 from boneage.bundle import BundleError, load_bundle, write_bundle_info
 from boneage.inference import (PHANTOM_WARNING, BoneAgePrediction, Predictor, Request, predict)
-from boneage.reading import ImageError, write_dicom
+from boneage.dicom_files import write_dicom
+from boneage.reading import ImageError
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +163,27 @@ def test_result_text_and_row():
     assert d["sex"] == "M" and d["difference_months"] == 30.0 and d["assessment"] == "beyond the model's uncertainty" and d["status"] == "ok"
     none = BoneAgePrediction("y.png", status="error", reasons=["y.png: file not found"]).as_dict()
     assert none["bone_age_months"] is None and none["assessment"] is None and none["reasons"] == "y.png: file not found"
+
+
+def test_the_paragraph_the_table_and_the_page_show_a_row_alike(tmp_path):
+    "One result as `describe`, the terminal table and the web page write it: each value as `readable` gives it."
+    pytest.importorskip("fastapi")
+    from boneage.app import render_results
+    from boneage.batch import Output
+    from boneage.inference import readable
+    r = BoneAgePrediction("x.png", False, 150.04, interval_low=135.2, interval_high=164.6, coverage=0.9, stage="Adolescent",
+                          chronological_age_months=119.6)
+    t = readable(r.as_dict())
+    assert t == {"sex": "F", "bone_age_months": "150.0", "bone_age_years": "12.5", "interval": "135–165", "coverage": "90%",
+                 "stage": "Adolescent", "chronological_age_months": "120", "difference_months": "+30.4",
+                 "assessment": "beyond the model's uncertainty"}
+    out = Output("table", tmp_path / "t.txt"); out.add(r); out.close()
+    table = (tmp_path / "t.txt").read_text().splitlines()[1].split()
+    page = render_results([{**r.as_dict(), "overlay": None}])
+    for key in ("sex", "bone_age_months", "bone_age_years", "interval", "chronological_age_months", "difference_months"):
+        assert t[key] in table and t[key] in page, key
+    assert all(t[k] in str(r) for k in ("sex", "bone_age_months", "bone_age_years", "interval", "coverage", "chronological_age_months"))
+    assert readable(BoneAgePrediction("y.png", status="error", reasons=["y.png: not found"]).as_dict())["bone_age_months"] == "—"
 
 
 def test_retrained_bundle_is_not_served_from_the_cache(bundle_dir, hand, tmp_path):

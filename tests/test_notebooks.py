@@ -124,27 +124,28 @@ def run_from_nbs(nbs, name, timeout=900):
     except Exception as e: return nb, e
 
 
-def test_a_notebook_opened_too_early_says_which_to_run_first(tmp_path):
+def test_a_notebook_opened_too_early_says_which_to_run_first(tiny_course, tmp_path):
     shutil.copytree(ROOT / "nbs", tmp_path / "nbs")
     for name, first in (("05_evaluation", "00_data"), ("02_preprocessing", "00_data")):
         nb, e = run_from_nbs(tmp_path / "nbs", name)
         (err,) = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
         assert err.ename == "MissingStepError" and len(err.traceback) == 1  # one line, no traceback from deep inside
         assert err.traceback[0].endswith(f"split.csv: not found; run the data notebook ({first}) first")
-    boneage_run(tmp_path / "Bone_age_prediction", *TINY, "--only", "00", "02")  # the split and the cache, no model
+    shutil.rmtree(course_copy(tiny_course, tmp_path / "Bone_age_prediction") / "model")  # the split and the cache, no model
     nb, e = run_from_nbs(tmp_path / "nbs", "05_evaluation")
     (err,) = [o for c in nb.cells for o in c.get("outputs", []) if o.output_type == "error"]
     assert err.traceback == [f"MissingStepError: {tmp_path}/Bone_age_prediction/model: no trained model yet; "
                              "run the training notebook (04_training) first"]
 
 
+@pytest.mark.long
 def test_an_interrupted_course_run_resumes_training(tiny_course, tmp_path):
     "Killed mid-training (kernel and all), the same command continues from the last finished epoch. From a local weights file."
     import keras
     out = course_copy(tiny_course, tmp_path / "run")
     weights = tmp_path / "xception_notop.weights.h5"  # what an offline user passes instead of "imagenet"
     keras.applications.Xception(include_top=False, weights=None, input_shape=(72, 72, 3)).save_weights(weights)
-    args = [*TINY[:-2], "--epochs", "6", "--only", "04", "--weights", str(weights), "--batch-size", "4", "--learning-rate", "1e-4"]
+    args = [*TINY[:-2], "--epochs", "4", "--only", "04", "--weights", str(weights), "--batch-size", "4", "--learning-rate", "1e-4"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
     p = subprocess.Popen([sys.executable, "-m", "boneage", "run", "--out", str(out), "--no-progress", *args],
                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
@@ -153,16 +154,17 @@ def test_an_interrupted_course_run_resumes_training(tiny_course, tmp_path):
     while time.time() < deadline and not (state.exists() and json.loads(state.read_text())["epoch"] >= 2): time.sleep(0.2)
     os.killpg(p.pid, signal.SIGKILL); p.wait()  # the whole run, kernel included
     done = json.loads(state.read_text())["epoch"]
-    assert 2 <= done < 6
+    assert 2 <= done < 4
     r = boneage_run(out, *args)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert f"epoch {done + 1}/6" in r.stdout and "epoch 1/6" not in r.stdout
-    assert pd.read_csv(out / "model" / "history.csv").epoch.tolist() == [1, 2, 3, 4, 5, 6]
+    assert f"epoch {done + 1}/4" in r.stdout and "epoch 1/4" not in r.stdout
+    assert pd.read_csv(out / "model" / "history.csv").epoch.tolist() == [1, 2, 3, 4]
     config = json.loads((out / "model" / "training.json").read_text())["config"]
     assert config["weights"] == str(weights) and config["batch_size"] == 4 and config["learning_rate"] == 1e-4
     assert config["pooling"] == "max" and config["head_width"] == 10  # pretrained weights: the reference's head
 
 
+@pytest.mark.long
 def test_the_course_on_jax(tiny_course, tmp_path):
     "The one JAX training of a test run: mixed float16, data parallel on two (emulated) devices, through the ONNX export."
     pytest.importorskip("jax")
@@ -179,9 +181,10 @@ def test_the_course_on_jax(tiny_course, tmp_path):
     assert info["onnx"]["max_abs_diff_months"] < 0.01 and "gate" in info and "conformal" in info  # the bundle serves float32
 
 
+@pytest.mark.long
 def test_run_on_real_radiographs(rsna_sample, tmp_path):
     r = boneage_run(tmp_path, "--data-dir", str(rsna_sample), "--image-size", "72", "--epochs", "1", "--freeze-backbone",
-                    "--no-sex", "--only", "00", "01", "02", "04", "05", "06", "07", "07a", "08")
+                    "--no-sex", "--only", "00", "01", "02", "04", "05", "06", "07", "07a")  # 08 runs the same code on any bundle: the tiny course runs it
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     w = json.loads((tmp_path / "00_data.json").read_text())
     assert w["data"] == "rsna-sample" and w["n_rows"] == 40
@@ -242,6 +245,7 @@ def test_every_notebook_links_its_rendered_page():
         assert len(links) == 1 and f"/{nb_path.stem}.html" in links[0].source, nb_path.name
 
 
+@pytest.mark.long
 def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course, tmp_path):
     "EfficientNet with the crop and CLAHE: through the model, Grad-CAM and the gate; `boneage predict` repeats the record exactly."
     import csv
@@ -270,6 +274,7 @@ def test_another_backbone_and_the_recorded_preprocessing_end_to_end(tiny_course,
     assert len(list((tmp_path / "cams").glob("*_gradcam.png"))) == 6
 
 
+@pytest.mark.long
 def test_the_approach_comparison_runs_by_name(tiny_course, tmp_path):
     course = course_copy(tiny_course, tmp_path / "course")
     r = boneage_run(course, *TINY[:-2], "--epochs", "1", "--only", "approaches")

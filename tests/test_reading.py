@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from boneage.dicom_files import write_dicom
 from boneage.phantom import phantom_radiograph
 from boneage.reading import (ImageError, display_name, read_array, read_bytes, read_image, robust_window, to_uint8_gray,
-                             window_to_uint8, write_dicom)
+                             window_to_uint8)
 
 HAND = phantom_radiograph(120, True, 200, seed=2)[0]
 
