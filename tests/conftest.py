@@ -191,14 +191,18 @@ def pytest_collection_modifyitems(config, items):
     # stable: each group keeps the files' order (every process sorts alike), its long tests first: a test process keeps
     # two tests queued that the other cannot take, so a long one queued last would leave the other process idle
     items.sort(key=lambda item: (_needs(item), item.get_closest_marker("long") is None))
-    if os.environ.get("PYTEST_XDIST_WORKER") != "gw0": return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker is None: return
     needed = set().union(*(getattr(i, "fixturenames", ()) for i in items))
     names = [n for n in MAKERS if n in needed]
-    if names:
+    if worker == "gw0" and names:
         root = run_root(config._tmp_path_factory)
         log = open(root / "shared-makers.log", "w")
         config._makers = subprocess.Popen([sys.executable, __file__, str(root), *names], stdout=log, stderr=subprocess.STDOUT,
                                           cwd=ROOT, start_new_session=True)
+    # What the maker makes is on the path of every later test, so it comes first: the test processes (and the kernels
+    # and commands they start) run at a lower priority than the maker, which was started before this
+    if names: os.nice(5)
 
 
 def pytest_sessionfinish(session, exitstatus):
