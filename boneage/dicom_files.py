@@ -6,7 +6,9 @@
 __all__ = ['COMPRESSED_SYNTAXES', 'write_dicom', 'CompressedSyntax', 'compress_dicom']
 
 # %% ../nbs/01c_dicom_files.ipynb
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import NamedTuple
 
 import numpy as np
@@ -34,26 +36,25 @@ def write_dicom(path, stored, photometric="MONOCHROME2", bits=12, sex="M", **tag
     return Path(path)
 
 # %% ../nbs/01c_dicom_files.ipynb
-_GDCM_SYNTAXES = {"1.2.840.10008.1.2.4.50": "JPEGBaselineProcess1", "1.2.840.10008.1.2.4.51": "JPEGExtendedProcess2_4",
-                  "1.2.840.10008.1.2.4.57": "JPEGLosslessProcess14", "1.2.840.10008.1.2.4.70": "JPEGLosslessProcess14_1"}
-
 class CompressedSyntax(NamedTuple):
-    "A transfer syntax a CR or DX machine exports: its UID, the bits it carries, whether it is lossless, the encoder's options."
+    "A transfer syntax a CR or DX machine exports: its UID, the bits it carries, whether it is lossless, pydicom's encoder options, GDCM's name for it (JPEG)."
     uid: str
     bits: int
     lossless: bool
-    options: dict = {}
+    options: Mapping = MappingProxyType({})  # read-only: one default shared by every entry
+    gdcm: str | None = None
 
 COMPRESSED_SYNTAXES = {  # what a PACS sends a hand radiograph as; lossy ones at the settings archives use
-    "JPEG Lossless SV1": CompressedSyntax("1.2.840.10008.1.2.4.70", 12, True),
-    "JPEG Lossless": CompressedSyntax("1.2.840.10008.1.2.4.57", 12, True),
-    "JPEG baseline (8-bit)": CompressedSyntax("1.2.840.10008.1.2.4.50", 8, False),
-    "JPEG extended (12-bit)": CompressedSyntax("1.2.840.10008.1.2.4.51", 12, False),
+    "JPEG Lossless SV1": CompressedSyntax("1.2.840.10008.1.2.4.70", 12, True, gdcm="JPEGLosslessProcess14_1"),
+    "JPEG Lossless": CompressedSyntax("1.2.840.10008.1.2.4.57", 12, True, gdcm="JPEGLosslessProcess14"),
+    "JPEG baseline (8-bit)": CompressedSyntax("1.2.840.10008.1.2.4.50", 8, False, gdcm="JPEGBaselineProcess1"),
+    "JPEG extended (12-bit)": CompressedSyntax("1.2.840.10008.1.2.4.51", 12, False, gdcm="JPEGExtendedProcess2_4"),
     "JPEG-LS lossless": CompressedSyntax("1.2.840.10008.1.2.4.80", 12, True),
     "JPEG-LS near-lossless": CompressedSyntax("1.2.840.10008.1.2.4.81", 12, False, {"jls_error": 3}),
     "JPEG 2000 lossless": CompressedSyntax("1.2.840.10008.1.2.4.90", 12, True),
     "JPEG 2000 lossy": CompressedSyntax("1.2.840.10008.1.2.4.91", 12, False, {"j2k_cr": [20]}),
     "RLE": CompressedSyntax("1.2.840.10008.1.2.5", 12, True)}
+_GDCM_SYNTAXES = {s.uid: s.gdcm for s in COMPRESSED_SYNTAXES.values() if s.gdcm}  # pydicom has no JPEG encoder
 
 def compress_dicom(src, dst, syntax, **kwargs):
     "A copy of DICOM file `src` in transfer syntax `syntax` (a UID): JPEG by GDCM; RLE, JPEG-LS and JPEG 2000 by pydicom (`kwargs`: its encoder's options)."
