@@ -42,8 +42,10 @@ class Radiograph:
     notes: list = field(default_factory=list)
 
 def display_name(path):
-    "A file name fit to print, whatever bytes it holds (undecodable bytes become �)."
-    return str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    "A file name fit to print on one line, whatever it holds: undecodable bytes become �, control characters their escape (`\\x00`, `\\n`)."
+    name = str(path).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    if name.isprintable(): return name
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in name)
 
 # %% ../nbs/01a_reading.ipynb
 def colourfulness(rgb):
