@@ -75,7 +75,10 @@ def run_course(out_dir="Bone_age_prediction", data_dir="", only=None, nbs_dir=No
         try:
             pm.execute_notebook(str(nb), str(dest), parameters={k: v for k, v in params.items() if k in declared},
                                 cwd=str(nb.parent), kernel_name="python3", progress_bar=progress, log_output=False,
-                                stdout_file=sys.stdout)  # the notebooks' own progress lines (epochs) show here
+                                stdout_file=sys.stdout,  # the notebooks' own progress lines (epochs) show here
+                                # the kernel's start-up warning that it talks over local TCP, as every Jupyter kernel
+                                # does, is nothing a course user can act on; its errors still show
+                                extra_arguments=["--IPKernelApp.log_level=ERROR"])
         except pm.PapermillExecutionError as e:
             evalue = (str(e.evalue).strip().splitlines() or [""])[0][:300]  # one line, however long the error
             raise CourseError(f"{nb.name} failed in cell {e.exec_count}: {e.ename}: {evalue} (see {dest})") from None

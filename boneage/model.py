@@ -6,6 +6,7 @@
 __all__ = ['IMAGENET_NOTOP', 'RAW_255_BACKBONES', 'INPUT_SCALINGS', 'WeightsError', 'build_model', 'parameter_table']
 
 # %% ../nbs/03_model.ipynb
+import warnings
 from pathlib import Path
 
 import keras
@@ -25,13 +26,21 @@ def _backbone(name, image, weights):
         raise ValueError(f"unknown backbone {name!r}: use a keras.applications model name such as Xception, InceptionV3, EfficientNetB4")
     if weights not in (None, "imagenet") and not Path(weights).is_file():
         raise WeightsError(f"{weights}: weights file not found (pass a local {name} no-top .h5 file, 'imagenet' or nothing)")
-    try: return app(include_top=False, weights=weights, input_tensor=image)
+    try:
+        with warnings.catch_warnings(record=True) as caught:  # Keras warns once per part of a file that fits nothing
+            warnings.simplefilter("always", UserWarning)
+            backbone = app(include_top=False, weights=weights, input_tensor=image)
     except Exception as e:
         if weights != "imagenet":
             raise WeightsError(f"{weights}: not {name} no-top weights ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
         where = IMAGENET_NOTOP.get(name, f"the Keras applications release files ({name} no-top)")
         raise WeightsError(f"could not download the ImageNet weights for {name} ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
                            f"on an offline machine get {where} and pass weights='path/to/that/file.h5'") from None
+    unloaded = [str(w.message) for w in caught if "freshly-initialized weights" in str(w.message)]
+    if unloaded:  # loaded in part: some layers would train from random weights without a word
+        raise WeightsError(f"{weights}: not {name} no-top weights ({len(unloaded)} parts of {name} found nothing to load)")
+    for w in caught: warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)  # the rest, as Keras gave them
+    return backbone
 
 # %% ../nbs/03_model.ipynb
 RAW_255_BACKBONES = ("EfficientNet", "ConvNeXt", "RegNet")

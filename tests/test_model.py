@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import keras
@@ -90,8 +92,10 @@ def test_local_weights_file(tmp_path):
         build_model(72, weights=str(tmp_path / "missing.h5"))
     other = tmp_path / "mobilenet.weights.h5"
     keras.applications.MobileNetV2(include_top=False, weights=None, input_shape=(72, 72, 3)).save_weights(other)
-    with pytest.raises(WeightsError, match="mobilenet.weights.h5: not Xception no-top weights"):
+    with warnings.catch_warnings(record=True) as said, pytest.raises(WeightsError, match="mobilenet.weights.h5: not Xception no-top weights"):
+        warnings.simplefilter("always")
         build_model(72, weights=str(other))
+    assert not [w for w in said if "freshly-initialized" in str(w.message)]  # the one error, not 74 Keras warnings before it
 
 
 def test_parameter_table():
